@@ -1,0 +1,32 @@
+"""lora-vlm's LoRA core: a hand-written LoRALinear, forward-hook injection, adapter files."""
+
+__version__ = "0.1.0"
+
+from .adapter_file import (
+    AdapterFileError,
+    base_fingerprint,
+    load_adapter,
+    read_metadata,
+    save_adapter,
+)
+from .config import LoRAConfig
+from .injection import LoRAInjection, inject_lora
+from .layer import LoRALinear
+from .peft_format import load_peft, save_peft
+from .targets import PRESETS, select_targets
+
+__all__ = [
+    "PRESETS",
+    "AdapterFileError",
+    "LoRAConfig",
+    "LoRAInjection",
+    "LoRALinear",
+    "base_fingerprint",
+    "inject_lora",
+    "load_adapter",
+    "load_peft",
+    "read_metadata",
+    "save_adapter",
+    "save_peft",
+    "select_targets",
+]

@@ -1,0 +1,201 @@
+"""Adapter files: safetensors with only adapter tensors, their settings in the metadata.
+
+Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r),
+fp32. Metadata (all strings, as safetensors requires):
+  format="pt", lora_vlm_format=FORMAT_VERSION, config (LoRAConfig JSON), modules (JSON
+  {path: [r, alpha]}), base_model, base_fingerprint, versions (JSON), plus caller extras.
+Loading checks everything before it touches the model, so a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .injection import AdapterSpec, LoRAInjection
+
+FORMAT_VERSION = "1"
+log = logging.getLogger(__name__)
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be loaded into this model; the message names file and key."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the model class and each parameter's name and shape: same architecture, same hash."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with every adapter and run."""
+    import safetensors
+    import transformers
+
+    from . import __version__
+
+    return {"lora_vlm": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                        metadata: dict[str, str]) -> None:
+    """save_file to a temp file in the same folder, then rename: no half-written checkpoints."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their file keys, contiguous fp32 copies."""
+    state = {}
+    for path, layer in injection._get(name).items():
+        state[f"{path}.lora_A.weight"] = layer.A.detach().float().contiguous().cpu()
+        state[f"{path}.lora_B.weight"] = layer.B.detach().float().contiguous().cpu()
+    return state
+
+
+def save_adapter(
+    injection: LoRAInjection,
+    path: str | Path,
+    name: str = "default",
+    base_model: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write adapter ``name`` to ``path`` (atomic) with its settings in the metadata."""
+    adapter = injection._get(name)
+    modules = {p: [layer.r, layer.alpha] for p, layer in adapter.items()}
+    metadata = {
+        "format": "pt",
+        "lora_vlm_format": FORMAT_VERSION,
+        "config": json.dumps(adapter.config.to_dict()),
+        "modules": json.dumps(modules),
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint(injection.model),
+        "versions": json.dumps(library_versions()),
+        **dict(extra or {}),
+    }
+    path = Path(path)
+    atomic_save_tensors(adapter_state(injection, name), path, metadata)
+    return path
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, or AdapterFileError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except Exception as e:  # safetensors raises several types for truncated/corrupt headers
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from e
+    return tensors, metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """An adapter file's raw string metadata, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear of ``model`` by path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
+                   tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Keys exactly match ``spec``; every path is a Linear of the model; shapes fit it."""
+    if not spec:
+        raise AdapterFileError(f"{source}: holds no adapter modules")
+    expected = {f"{p}.lora_{ab}.weight" for p in spec for ab in "AB"}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise AdapterFileError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        raise AdapterFileError(
+            f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for path, (r, _) in spec.items():
+        base = model_linears.get(path)
+        if base is None:
+            raise AdapterFileError(
+                f"{source}: key {path + '.lora_A.weight'!r} names {path!r}, which is not an "
+                "nn.Linear of this model (wrong base model?)")
+        for ab, shape in (("A", (r, base.in_features)), ("B", (base.out_features, r))):
+            key = f"{path}.lora_{ab}.weight"
+            if tuple(tensors[key].shape) != shape:
+                raise AdapterFileError(
+                    f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, this model "
+                    f"needs {shape} (wrong base model?)")
+            if not tensors[key].is_floating_point():
+                raise AdapterFileError(f"{source}: key {key!r} has dtype {tensors[key].dtype}")
+
+
+def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, AdapterSpec]:
+    version = meta.get("lora_vlm_format")
+    if version != FORMAT_VERSION:
+        hint = " (a PEFT file? use lora.load_peft on its directory)" if version is None else ""
+        raise AdapterFileError(
+            f"{source}: adapter format version {version!r}, expected {FORMAT_VERSION!r}{hint}")
+    try:
+        config = LoRAConfig.from_dict(json.loads(meta["config"]))
+        spec = {p: (int(r), float(a)) for p, (r, a) in json.loads(meta["modules"]).items()}
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterFileError(f"{source}: bad adapter metadata ({e!r})") from e
+    return config, spec
+
+
+def load_adapter(
+    target: nn.Module | LoRAInjection,
+    path: str | Path,
+    name: str | None = None,
+    activate: bool = True,
+) -> LoRAInjection:
+    """Load an adapter file into a model (a new injection) or an existing injection.
+
+    ``name`` defaults to the file's stem. Everything is validated before the model changes.
+    """
+    injection = target if isinstance(target, LoRAInjection) else None
+    model = injection.model if injection is not None else target
+    tensors, meta = read_adapter_file(path)
+    config, spec = _parse_metadata(meta, str(path))
+    validate_state(linear_modules(model), spec, tensors, str(path))
+    saved_fp = meta.get("base_fingerprint")
+    if saved_fp and saved_fp != base_fingerprint(model):
+        log.warning("%s was trained on a base with fingerprint %s (%s); this model's is %s: "
+                    "shapes fit, but outputs may not be what was trained", path, saved_fp,
+                    meta.get("base_model") or "unknown", base_fingerprint(model))
+    name = name or Path(path).stem
+    if injection is not None and name in injection.adapters:
+        raise ValueError(f"adapter {name!r} already exists; pass another name")
+    injection = injection or LoRAInjection(model)
+    injection.attach(name, config, spec, tensors, activate=activate)
+    return injection

@@ -1,0 +1,236 @@
+"""Forward-hook injection: named LoRA adapters on a frozen model, merge/unmerge, removal.
+
+The base model is never rebuilt: each targeted nn.Linear keeps its identity, parameters and
+state_dict keys; a forward hook returns ``output + Σ delta(input)`` over the adapters that are
+active and not merged. The adapters live in this object's own ModuleDict, keyed by module path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import LoRAConfig
+from .layer import LoRALinear
+from .targets import first_match, select_targets
+
+# module path -> (r, alpha): the resolved shape of one adapter.
+AdapterSpec = dict[str, tuple[int, float]]
+
+
+def resolve_spec(model: nn.Module, config: LoRAConfig) -> AdapterSpec:
+    """Per-module (r, alpha) for the Linears ``config.targets`` selects, patterns applied."""
+    spec = {}
+    for path in select_targets(model, config.targets):
+        r = first_match(path, config.rank_pattern)
+        alpha = first_match(path, config.alpha_pattern)
+        spec[path] = (int(r or config.r), float(config.alpha if alpha is None else alpha))
+    return spec
+
+
+class AdapterSet(nn.Module):
+    """The LoRALinear layers of one named adapter, keyed by module path."""
+
+    def __init__(self, config: LoRAConfig, layers: dict[str, LoRALinear]) -> None:
+        super().__init__()
+        self.config = config
+        self.paths = list(layers)
+        # ModuleDict keys may not contain '.', so paths are stored with '/'.
+        self.layers = nn.ModuleDict({p.replace(".", "/"): m for p, m in layers.items()})
+
+    def items(self) -> Iterator[tuple[str, LoRALinear]]:
+        """(module path, LoRALinear) pairs in model order."""
+        return zip(self.paths, self.layers.values(), strict=True)  # type: ignore[return-value]
+
+
+def _make_hook(layers: list[LoRALinear]) -> Callable:
+    if len(layers) == 1:  # the common case: no loop on the hot path
+        (layer,) = layers
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + layer(args[0], module.training)
+
+        return hook
+
+    def hook_many(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            output = output + layer(args[0], module.training)
+        return output
+
+    return hook_many
+
+
+class LoRAInjection(nn.Module):
+    """Named adapters hooked into a frozen ``model``; ``remove()`` restores it exactly.
+
+    Creating it freezes every base parameter (their old ``requires_grad`` flags come back on
+    remove). Only adapter parameters are trainable. The model is not registered as a
+    submodule, so ``self.state_dict()`` and ``self.parameters()`` hold adapters only.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # plain attribute: not a submodule
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._backups: dict[str, torch.Tensor] = {}  # pre-merge weights, for exact unmerge
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+    # --- adapters -------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoRAConfig, activate: bool = True) -> AdapterSet:
+        """A fresh adapter (B = 0: outputs unchanged) on the Linears that ``config`` selects."""
+        return self.attach(name, config, resolve_spec(self.model, config), activate=activate)
+
+    def attach(
+        self,
+        name: str,
+        config: LoRAConfig,
+        spec: AdapterSpec,
+        state: dict[str, torch.Tensor] | None = None,
+        activate: bool = True,
+    ) -> AdapterSet:
+        """Build adapter ``name`` from a resolved spec, optionally filling A/B from ``state``.
+
+        ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` to tensors whose shapes
+        the caller has already validated.
+        """
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists; delete it first")
+        layers = {}
+        for path, (r, alpha) in spec.items():
+            base = self._linears.get(path)
+            if base is None:
+                raise KeyError(f"{path!r} is not an nn.Linear of {type(self.model).__name__}")
+            layer = LoRALinear(base.in_features, base.out_features, r, alpha, config.dropout,
+                               config.rslora, device=base.weight.device)
+            if state is not None:
+                with torch.no_grad():
+                    layer.A.copy_(state[f"{path}.lora_A.weight"])
+                    layer.B.copy_(state[f"{path}.lora_B.weight"])
+            layers[path] = layer
+        self.adapters[name] = AdapterSet(config, layers)
+        if activate:
+            self.active.append(name)
+        self._refresh_hooks()
+        return self.adapters[name]
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (unmerging it first if merged)."""
+        self._get(name)
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.active = [a for a in self.active if a != name]
+        self._refresh_hooks()
+
+    def set_active(self, names: str | Iterable[str]) -> None:
+        """Exactly these adapters contribute to the forward pass (an empty list: none)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._get(n)
+        self.active = names
+        self._refresh_hooks()
+
+    def set_scale(self, name: str, multiplier: float) -> None:
+        """Scale adapter ``name``'s delta by ``multiplier`` × alpha/r (1.0 restores it)."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge before changing its scale")
+        for _, layer in self._get(name).items():
+            layer.scale = layer.base_scale * multiplier
+
+    def _get(self, name: str) -> AdapterSet:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; have {list(self.adapters)}")
+        return self.adapters[name]  # type: ignore[return-value]
+
+    # --- hooks ----------------------------------------------------------------------------
+    def _refresh_hooks(self) -> None:
+        """One hook per Linear that has an active, unmerged adapter; none anywhere else."""
+        wanted: dict[str, list[LoRALinear]] = {}
+        for name in self.active:
+            if name not in self.merged:
+                for path, layer in self._get(name).items():
+                    wanted.setdefault(path, []).append(layer)
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {
+            path: self._linears[path].register_forward_hook(_make_hook(layers))
+            for path, layers in wanted.items()
+        }
+
+    # --- merge ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None, exact_unmerge: bool = True) -> None:
+        """W += scale·B A for each named adapter (default: the active ones); idempotent.
+
+        Merged adapters stop hooking, so inference costs exactly the base model. With
+        ``exact_unmerge`` the first merge into a Linear keeps a copy of its weight, which
+        unmerge restores bit-exactly; without it unmerge subtracts (exact up to rounding).
+        """
+        for name in list(self.active if names is None else names):
+            if name in self.merged:
+                continue
+            for path, layer in self._get(name).items():
+                weight = self._linears[path].weight
+                if exact_unmerge and not self._merged_into(path):
+                    self._backups[path] = weight.detach().clone()
+                weight.copy_(weight.float() + layer.delta_weight())  # one rounding to W's dtype
+            self.merged.append(name)
+        self._refresh_hooks()
+
+    @torch.no_grad()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Undo merge for the named adapters (default: all merged ones)."""
+        for name in list(self.merged if names is None else names):
+            if name not in self.merged:
+                continue
+            self.merged.remove(name)
+            for path, layer in self._get(name).items():
+                weight = self._linears[path].weight
+                if not self._merged_into(path) and path in self._backups:
+                    weight.copy_(self._backups.pop(path))
+                else:
+                    weight.copy_(weight.float() - layer.delta_weight())
+        self._refresh_hooks()
+
+    def _merged_into(self, path: str) -> bool:
+        return any(path in self._get(n).paths for n in self.merged)
+
+    # --- whole-model ----------------------------------------------------------------------
+    def remove(self) -> None:
+        """Unmerge everything, drop every hook and adapter, restore requires_grad flags."""
+        self.unmerge()
+        self.active = []
+        self._refresh_hooks()
+        self.adapters = nn.ModuleDict()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad[n])
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Trainable parameters of one adapter (default: of all adapters)."""
+        sets = self.adapters.values() if name is None else [self._get(name)]
+        return [p for s in sets for p in s.parameters()]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts over the base model plus adapters."""
+        params = list(self.model.parameters()) + list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def describe(self) -> str:
+        """One line: trainable vs total parameters."""
+        trainable, total = self.parameter_counts()
+        return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)"
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, name: str = "default") -> LoRAInjection:
+    """Freeze ``model`` and hook a fresh adapter ``name`` into the Linears ``config`` targets."""
+    injection = LoRAInjection(model)
+    injection.add_adapter(name, config)
+    return injection

@@ -1,0 +1,56 @@
+"""Tiny random-init BLIP models built from configs: no downloads, milliseconds per forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+VOCAB = 64
+
+
+def tiny_blip_config(hidden: int = 32, layers: int = 2, vocab: int = VOCAB) -> BlipConfig:
+    """A 2+2-layer BLIP with init scale 1/sqrt(hidden) (the vision default of 1e-10 is ~zero)."""
+    init = hidden**-0.5
+    text = dict(vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=hidden + 16,
+                intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=1, sep_token_id=2, eos_token_id=2,
+                pad_token_id=0, initializer_range=init)
+    vision = dict(hidden_size=hidden + 16, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=2, image_size=32, patch_size=8, initializer_range=init)
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=16,
+                      initializer_range=init)
+
+
+def tiny_blip(seed: int = 0, **kw) -> BlipForConditionalGeneration:
+    """A seeded tiny captioning BLIP in eval mode."""
+    torch.manual_seed(seed)
+    return BlipForConditionalGeneration(tiny_blip_config(**kw)).eval()
+
+
+def tiny_blip_vqa(seed: int = 0, **kw) -> BlipForQuestionAnswering:
+    """A seeded tiny VQA BLIP in eval mode."""
+    torch.manual_seed(seed)
+    return BlipForQuestionAnswering(tiny_blip_config(**kw)).eval()
+
+
+@pytest.fixture
+def model() -> BlipForConditionalGeneration:
+    return tiny_blip()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    ids[:, 0] = 1
+    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "input_ids": ids,
+            "labels": ids.clone()}
+
+
+def randomize_adapters(injection, seed: int = 0, std: float = 0.05) -> None:
+    """Give every B (and A) random values so deltas are non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in injection.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)

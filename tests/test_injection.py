@@ -1,0 +1,213 @@
+"""Hook injection on a tiny BLIP: exact equivalences, merge/unmerge, removal, presets."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters, tiny_blip, tiny_blip_vqa
+
+from lora import LoRAConfig, LoRALinear, inject_lora, select_targets
+
+VISION = ["self_attn.qkv", "self_attn.projection", "mlp.fc1", "mlp.fc2"]
+TEXT = ["attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "crossattention.self.query", "crossattention.self.key",
+        "crossattention.self.value", "crossattention.output.dense", "intermediate.dense",
+        "output.dense"]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_zero_b_leaves_logits_bit_identical(model, batch):
+    base = logits(model, batch)
+    keys = list(model.state_dict())
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    assert torch.equal(logits(model, batch), base)
+    assert list(model.state_dict()) == keys  # adapters live outside the model
+    assert all(not isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_hooked_linear_equals_merged_formula(model):
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=12, targets=("vision",)))
+    randomize_adapters(inj)
+    path = "vision_model.encoder.layers.1.mlp.fc1"
+    linear = model.get_submodule(path)
+    layer = dict(inj.adapters["default"].items())[path]
+    x = torch.randn(2, 5, linear.in_features)
+    expected = F.linear(x, linear.weight + (12 / 4) * layer.B @ layer.A, linear.bias)
+    torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_hook_fires_once_per_forward(model, batch):
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=2))
+    calls = {}
+    for path, layer in inj.adapters["default"].items():
+        layer.register_forward_hook(lambda *_, p=path: calls.__setitem__(p, calls.get(p, 0) + 1))
+    model(**batch)
+    assert calls == dict.fromkeys(inj.adapters["default"].paths, 1)
+
+
+def test_gradients_reach_only_adapters(model, batch):
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    model(**batch).loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    grads = [p.grad for p in inj.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    trainable, total = inj.parameter_counts()
+    assert trainable == sum(p.numel() for p in inj.parameters())
+    assert total == trainable + sum(p.numel() for p in model.parameters())
+
+
+def test_merge_equals_unmerged_idempotent_and_unmerge_exact(model, batch):
+    before = snapshot(model)
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    hooked = logits(model, batch)
+    inj.merge()
+    assert all(not m._forward_hooks for m in model.modules())  # zero-overhead while merged
+    torch.testing.assert_close(logits(model, batch), hooked, rtol=1e-4, atol=1e-5)
+    once = snapshot(model)
+    inj.merge()
+    assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())
+    # W' = W + (alpha/r)·B·A, written out independently
+    for path, layer in inj.adapters["default"].items():
+        w0 = before[path + ".weight"]
+        torch.testing.assert_close(once[path + ".weight"], w0 + 2.0 * layer.B @ layer.A)
+    inj.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(model, batch), hooked, rtol=0, atol=0)
+
+
+def test_unmerge_without_backup_is_close(model):
+    before = snapshot(model)
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    inj.merge(exact_unmerge=False)
+    inj.unmerge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
+
+
+def test_remove_restores_model_exactly(model, batch):
+    before, flags = snapshot(model), [p.requires_grad for p in model.parameters()]
+    base = logits(model, batch)
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    inj.merge(["default"])
+    inj.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(logits(model, batch), base)
+
+
+def test_named_adapters_activate_scale_delete(model):
+    path = "text_decoder.bert.encoder.layer.0.intermediate.dense"
+    linear = model.get_submodule(path)
+    x = torch.randn(3, linear.in_features)
+    base = linear(x)
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("intermediate.dense",)), "a")
+    inj.add_adapter("b", LoRAConfig(r=3, alpha=3, targets=("intermediate.dense",)))
+    randomize_adapters(inj)
+    da, db = (dict(inj.adapters[n].items())[path](x) for n in "ab")
+    torch.testing.assert_close(linear(x), base + da + db)
+    inj.set_active(["b"])
+    torch.testing.assert_close(linear(x), base + db)
+    inj.set_active(["a", "b"])
+    inj.set_scale("a", 0.5)
+    torch.testing.assert_close(linear(x), base + 0.5 * da + db)
+    inj.set_scale("a", 1.0)
+    inj.merge(["a"])
+    torch.testing.assert_close(linear(x), base + da + db, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError):
+        inj.set_scale("a", 2.0)
+    inj.delete_adapter("a")  # unmerges first
+    torch.testing.assert_close(linear(x), base + db, rtol=1e-5, atol=1e-6)
+    inj.set_active([])
+    assert torch.equal(linear(x), base)
+    with pytest.raises(KeyError):
+        inj.set_active(["a"])
+
+
+def test_merge_two_then_unmerge_one(model):
+    path = "vision_model.encoder.layers.0.mlp.fc2"
+    w0 = model.get_submodule(path).weight.detach().clone()
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=2, targets=("mlp.fc2",)), "a")
+    inj.add_adapter("b", LoRAConfig(r=2, alpha=4, targets=("mlp.fc2",)))
+    randomize_adapters(inj)
+    inj.merge()
+    inj.unmerge(["a"])
+    lb = dict(inj.adapters["b"].items())[path]
+    torch.testing.assert_close(model.get_submodule(path).weight, w0 + 2.0 * lb.B @ lb.A)
+    inj.unmerge()
+    assert torch.equal(model.get_submodule(path).weight, w0)
+
+
+def _names(model, targets):
+    return select_targets(model, targets)
+
+
+def test_presets_select_exact_linear_sets(model):
+    layers = range(2)
+    assert _names(model, ["vision"]) == [
+        f"vision_model.encoder.layers.{i}.{s}" for i in layers for s in VISION]
+    assert _names(model, ["text"]) == [
+        f"text_decoder.bert.encoder.layer.{i}.{s}" for i in layers for s in TEXT]
+    vqa = tiny_blip_vqa()
+    assert _names(vqa, ["text"]) == [
+        f"text_{part}.encoder.layer.{i}.{s}"
+        for part in ("encoder", "decoder.bert") for i in layers for s in TEXT]
+
+
+def test_suffix_regex_and_overrides(model):
+    # dotted-suffix match: 'attention.output.dense' must not catch 'crossattention.output.dense'
+    names = _names(model, ["attention.output.dense"])
+    assert names and all(re.search(r"\.attention\.output\.dense$", n) for n in names)
+    assert _names(model, [r"re:.*layers\.0\.mlp\.fc[12]"]) == [
+        "vision_model.encoder.layers.0.mlp.fc1", "vision_model.encoder.layers.0.mlp.fc2"]
+    cfg = LoRAConfig(r=8, alpha=16, targets=("vision",), rank_pattern={"qkv": 2},
+                     alpha_pattern={"re:.*fc[12]": 4.0})
+    inj = inject_lora(model, cfg)
+    for path, layer in inj.adapters["default"].items():
+        assert layer.r == (2 if path.endswith("qkv") else 8)
+        assert layer.alpha == (4.0 if path.endswith(("fc1", "fc2")) else 16.0)
+        assert layer.base_scale == layer.alpha / layer.r
+
+
+def test_target_matching_nothing_lists_candidates(model):
+    with pytest.raises(ValueError, match=r"q_proj.*\n.*layers\.N\.self_attn\.qkv"):
+        inject_lora(model, LoRAConfig(targets=("vision", "q_proj")))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_bf16_autocast_forward_backward(model, batch):
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in inj.parameters())
+
+
+def test_gradient_checkpointing_gives_same_adapter_grads(batch):
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_blip().train()
+        inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+        randomize_adapters(inj)
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model(**batch).loss.backward()
+        grads.append([p.grad for p in inj.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
