@@ -48,7 +48,7 @@ def library_versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"lora_vlm": __version__, "torch": torch.__version__,
+    return {"lora_vlm": __version__, "torch": str(torch.__version__),
             "transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 

@@ -54,3 +54,42 @@ def randomize_adapters(injection, seed: int = 0, std: float = 0.05) -> None:
     with torch.no_grad():
         for p in injection.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+WORDS = ["a", "red", "green", "blue", "cube", "on", "single", "no", "block", "picture", "of"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_tiny_model_dir(path, seed: int = 0):
+    """A tiny random BLIP saved like a hub checkpoint: config, weights, tokenizer, processor."""
+    from transformers import BertTokenizer, BlipImageProcessor, BlipProcessor
+
+    path.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", *letters,
+             *("##" + c for c in letters), *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer.from_pretrained(str(path))
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    processor.save_pretrained(str(path))
+    tiny_blip(seed, vocab=len(vocab)).save_pretrained(str(path))
+    return path
+
+
+def write_tiny_dataset(folder, n: int = 12, split: str | None = None, name="data.jsonl"):
+    """n solid-colour PNGs captioned by colour, as a JSONL file."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        Image.new("RGB", (32, 32), COLOURS[colour]).save(folder / f"{i}.png")
+        record = {"image": f"{i}.png", "text": f"a {colour} cube"}
+        if split:
+            record["split"] = split
+        lines.append(json.dumps(record))
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name

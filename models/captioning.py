@@ -1,0 +1,85 @@
+"""BLIP captioning: training batches, the token loss, caption generation, a tiny Python API.
+
+Training text is ``prompt + caption``; the prompt's tokens (and padding) are -100 in ``labels``
+so only the caption is learned (as LAVIS does with "a picture of "). Generation starts from the
+prompt, and the prompt is stripped from what it returns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BlipProcessor, PreTrainedModel
+
+IGNORE = -100
+
+
+def normalize_caption(text: str) -> str:
+    """Lower-case, single spaces, no trailing full stop: the exact-match comparison form."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .")
+
+
+@dataclass
+class CaptionCollator:
+    """(PIL image, caption) pairs -> BLIP batch with ``labels`` masked on prompt and padding."""
+
+    processor: BlipProcessor
+    prompt: str = ""
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        # [CLS] + prompt tokens; BLIP's loss is shifted, so position 0 is never a target anyway.
+        self.prompt_len = 1 + len(self.processor.tokenizer(self.prompt,
+                                                           add_special_tokens=False).input_ids)
+
+    def __call__(self, items: Sequence[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
+        images, texts = zip(*items, strict=True)
+        enc = self.processor(images=list(images), text=[self.prompt + t for t in texts],
+                             padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
+        labels[:, : self.prompt_len] = IGNORE
+        return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies, number of target tokens); logits (B, T, V)."""
+    targets = labels[:, 1:]  # token t+1 is predicted from position t
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing)
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def generate_captions(
+    model: PreTrainedModel,
+    processor: BlipProcessor,
+    images: Sequence[Image.Image],
+    prompt: str = "",
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Caption ``images`` (one batch); returns the text after the prompt."""
+    device = next(model.parameters()).device
+    inputs = processor(images=list(images), return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if prompt:
+        text = processor.tokenizer([prompt] * len(images), return_tensors="pt").to(device)
+        inputs.update(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+    sampling = dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else {}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                         **sampling)
+    texts = processor.batch_decode(out, skip_special_tokens=True)
+    head = normalize_caption(prompt)
+    return [t.strip()[len(head):].strip() if head and normalize_caption(t).startswith(head)
+            else t.strip() for t in texts]

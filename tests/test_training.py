@@ -1,0 +1,163 @@
+"""train.py's arithmetic and its promises: schedule, exact accumulation, exact resume."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_tiny_dataset, write_tiny_model_dir
+from safetensors.torch import load_file
+
+import infer
+import train
+from lora import LoRAConfig, inject_lora
+from models.api import Captioner
+from models.captioning import CaptionCollator
+from models.loading import load_model
+from training.accumulation import steps_per_epoch, windows
+from training.schedule import make_scheduler, warmup_cosine
+
+
+def test_warmup_cosine_shape():
+    w, total = 4, 20
+    lrs = [warmup_cosine(s, w, total) for s in range(total + 1)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up, (s + 1) / w
+    assert lrs[4] == 1.0 and lrs[total] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[12] == pytest.approx(0.5)  # half-way through the decay: (1 + cos(pi/2)) / 2
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 16)))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+    assert warmup_cosine(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_scheduler_follows_formula_per_optimizer_step():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(opt, 3, 10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * warmup_cosine(s, 3, 10) for s in range(10)])
+
+
+def test_windows_cover_every_micro_batch_once():
+    assert [list(w) for w in windows(7, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert steps_per_epoch(7, 3) == 3 and steps_per_epoch(6, 3) == 2
+    assert [list(w) for w in windows(2, 4)] == [[0, 1]]
+
+
+def test_accumulated_gradient_equals_big_batch(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "m")
+    data = write_tiny_dataset(tmp_path / "d", n=5)
+    model, processor, _ = load_model(str(model_dir))
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4))
+    with torch.no_grad():
+        for p in inj.parameters():
+            p.normal_(0, 0.1)
+    # Captions of different lengths, so micro-batches hold different token counts.
+    texts = ["a red cube", "no block", "a single blue cube on a green cube", "a cube", "red"]
+    from PIL import Image
+    items = [(Image.open(tmp_path / "d" / f"{i}.png").convert("RGB"), t)
+             for i, t in enumerate(texts)]
+    collate = CaptionCollator(processor)
+    params = inj.adapter_parameters()
+
+    def grads(micro_batches):
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        for b in micro_batches:
+            loss, _ = train.forward_loss(model, b, torch.device("cpu"), None, 0.0)
+            (loss / n).backward()
+        g = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return g
+
+    big = grads([collate(items)])
+    accumulated = grads([collate(items[:3]), collate(items[3:])])
+    for a, b in zip(big, accumulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert data.exists()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_tiny_model_dir(root / "model"), write_tiny_dataset(root / "data", n=12)
+
+
+def _args(setup, out, *extra):
+    model_dir, data = setup
+    return ["--model", str(model_dir), "--train-file", str(data), "--eval-file", "none",
+            "--epochs", "3", "--batch-size", "3", "--grad-accum", "2", "--dropout", "0.1",
+            "--val-fraction", "0.25", "--output-dir", str(out), "--threads", "1", *extra]
+
+
+def test_resume_is_bit_identical(setup, tmp_path):
+    full = load_file(train.main(_args(setup, tmp_path / "a")))
+    # 9 train samples / 3 = 3 micro-batches -> windows [0, 2), [2, 3): 2 steps per epoch.
+    train.main(_args(setup, tmp_path / "b", "--stop-after-steps", "3"))  # mid-epoch 1
+    state = torch.load(tmp_path / "b/checkpoints/step-000003/train_state.pt", weights_only=True)
+    assert state["position"]["epoch"] == 1 and state["position"]["micro"] == 2
+    resumed = load_file(train.main(_args(setup, tmp_path / "b", "--resume", "auto")))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert any(not torch.equal(full[k], torch.zeros_like(full[k])) for k in full if "lora_B" in k)
+
+
+# Loss calls: epoch 0 = micro 1, 2 (step 1), 3 (step 2), validation 4; epoch 1 = 5, 6, 7, 8 ...
+@pytest.mark.parametrize("at_call", [6, 8], ids=["mid-window", "in-validation"])
+def test_ctrl_c_saves_and_resumes_exactly(setup, tmp_path, monkeypatch, at_call):
+    full = load_file(train.main(_args(setup, tmp_path / "a")))
+    calls = {"n": 0}
+    real = train.token_loss_sum
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "token_loss_sum", interrupting)
+    with pytest.raises(SystemExit) as stop:
+        train.main(_args(setup, tmp_path / "b"))
+    assert stop.value.code == 130
+    monkeypatch.setattr(train, "token_loss_sum", real)
+    resumed = load_file(train.main(_args(setup, tmp_path / "b", "--resume", "auto")))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_outputs_and_refusals(setup, tmp_path):
+    out = tmp_path / "run"
+    adapter = train.main(_args(setup, out, "--epochs", "1", "--save-every", "1"))
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["global_batch"] == 6 and config["total_steps"] == 2 and config["r"] == 16
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2]
+    assert (out / "best.safetensors").exists() and adapter == out / "adapter.safetensors"
+    with pytest.raises(SystemExit, match="not empty"):
+        train.main(_args(setup, out))
+    with pytest.raises(SystemExit, match="settings differ"):
+        train.main(_args(setup, out, "--resume", str(out / "checkpoints/step-000002"),
+                         "--lr", "0.1"))
+    with pytest.raises(SystemExit):
+        train.main(_args(setup, tmp_path / "x", "--r", "0"))
+
+
+def test_train_save_load_infer_round_trip(setup, tmp_path):
+    adapter = train.main(_args(setup, tmp_path / "run", "--epochs", "2", "--lr", "1e-2"))
+    images = sorted(str(p) for p in setup[1].parent.glob("*.png"))[:4]
+    hooked = infer.main([*images, "--adapter", str(adapter), "--output",
+                         str(tmp_path / "c.jsonl")])
+    merged = infer.main([*images, "--adapter", str(adapter), "--merge"])
+    base = infer.main([*images, "--model", str(setup[0])])
+    assert [r["caption"] for r in hooked] == [r["caption"] for r in merged]
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == hooked
+    cap = Captioner(adapters=[adapter])  # base model read from the adapter's metadata
+    assert cap.injection is not None and cap.task == "caption"
+    with torch.no_grad():
+        cap.injection.set_active([])
+    from PIL import Image
+    assert cap.caption([Image.open(p).convert("RGB") for p in images]) == [
+        r["caption"] for r in base]

@@ -1,0 +1,435 @@
+"""Train LoRA adapters on a frozen BLIP model; only the adapters are trained and saved.
+
+    python train.py --r 16 --alpha 32                       # embedded tiny BLIP, shipped cubes
+    python train.py --model Salesforce/blip-image-captioning-large --r 16 --alpha 32 ...
+
+The loop reads top to bottom: AdamW over adapter parameters, linear warm-up then cosine decay
+per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA,
+bf16 on CPU), a validation loss each epoch, resumable checkpoints, a JSONL metrics log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.dataset import CaptionDataset, split_by_image
+from data.formats import load_caption_samples
+from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
+from lora.adapter_file import library_versions
+from models.captioning import CaptionCollator, generate_captions, normalize_caption, token_loss_sum
+from models.loading import DEFAULT_MODEL, load_model, pick_device
+from training.accumulation import steps_per_epoch, windows
+from training.checkpoint import (
+    ADAPTER,
+    Position,
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.schedule import make_scheduler
+
+log = logging.getLogger("train")
+ROOT = Path(__file__).resolve().parent
+# Settings a resumed run must share with the run it continues (others, like threads, may vary).
+RESUME_KEYS = ("model", "task", "train_file", "val_file", "val_fraction", "r", "alpha", "dropout",
+               "rslora", "targets", "rank_pattern", "alpha_pattern", "epochs", "batch_size",
+               "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+               "seed", "prompt", "label_smoothing")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the description keeps its line breaks."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; every one has help and a sensible default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local directory of a BLIP checkpoint (default: the embedded "
+                        "tiny pretrained BLIP, a stand-in that runs anywhere)")
+    g.add_argument("--task", choices=["auto", "caption"], default="auto",
+                   help="what to train; auto reads it from the checkpoint's architecture")
+    g.add_argument("--train-file", default=str(ROOT / "annotations.jsonl"),
+                   help="training data: .jsonl, captions .json, COCO .json or caption/+Image/ dir")
+    g.add_argument("--val-file", default=None,
+                   help="validation data (same formats); default: hold out --val-fraction")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of training images held out for validation when no "
+                        "--val-file is given (0 disables validation)")
+    g.add_argument("--eval-file", default=str(ROOT / "annotations_test.jsonl"),
+                   help="test data for the exact-match report after training ('none' skips it)")
+    g.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip (and count) malformed lines and unreadable images instead of failing")
+    g.add_argument("--prompt", default="",
+                   help="text prefix before every caption, masked out of the loss "
+                        "(LAVIS uses 'a picture of ')")
+    g.add_argument("--max-length", type=int, default=64, help="max tokens of prompt + caption")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--r", type=int, default=16, help="adapter rank")
+    g.add_argument("--alpha", type=float, default=32.0, help="scale numerator: delta × alpha/r")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) (rank-stabilised)")
+    g.add_argument("--targets", default="vision,text",
+                   help="comma list of presets (vision, text, qformer, language), module "
+                        "suffixes (attention.self.query) or 're:<regex>' on full module paths")
+    g.add_argument("--rank-pattern", action="append", default=[], metavar="PATTERN=R",
+                   help="rank override for Linears a pattern matches (repeatable)")
+    g.add_argument("--alpha-pattern", action="append", default=[], metavar="PATTERN=ALPHA",
+                   help="alpha override for Linears a pattern matches (repeatable)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30, help="passes over the training data")
+    g.add_argument("--batch-size", type=int, default=16, help="samples per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (global batch = batch × accum)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="fraction of optimizer steps spent in linear warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the adapter gradient norm to this (0 disables)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy smoothing")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="autocast dtype: auto = fp16 + GradScaler on CUDA, bf16 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory (non-reentrant)")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None,
+                   help="where adapters, checkpoints and logs go (default: runs/<task>-lora, "
+                        "numbered if taken)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N optimizer steps (0: only each epoch)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="how many step checkpoints to keep")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint folder to continue from, or 'auto' for the newest in "
+                        "--output-dir")
+    g.add_argument("--stop-after-steps", type=int, default=0,
+                   help="checkpoint and stop after this many optimizer steps, leaving the "
+                        "schedule unchanged (a planned interruption; 0: run to the end)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="images per generate call")
+    g.add_argument("--num-beams", type=int, default=1, help="beam width for the final report")
+    g.add_argument("--eval-base", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report the base model (adapters off) in the final report")
+    args = p.parse_args(argv)
+    for flag in ("r", "epochs", "batch_size", "grad_accum"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    return args
+
+
+def parse_patterns(items: list[str], kind: type) -> dict[str, Any]:
+    """['qkv=8', 're:.*fc1=4'] -> {'qkv': 8, 're:.*fc1': 4}."""
+    out = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern:
+            raise SystemExit(f"bad pattern override {item!r}: expected PATTERN=VALUE")
+        out[pattern] = kind(value)
+    return out
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "bf16"
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return dtype, dtype == torch.float16
+
+
+def git_commit() -> str:
+    """The checkout's commit, or '' outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
+    """The explicit --output-dir, or the first free runs/<task>-lora[-N]."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    base = ROOT / "runs" / f"{task}-lora"
+    if args.resume == "auto":
+        return base
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not out.exists():
+            return out
+    raise AssertionError
+
+
+def load_samples(path: str, args: argparse.Namespace) -> list:
+    """Samples of one data file; skipped ones are reported, never dropped silently."""
+    samples, report = load_caption_samples(path, skip_bad_samples=args.skip_bad_samples)
+    if report.count:
+        log.warning("%s: %s", path, report.summary())
+    return samples
+
+
+def quiet_rng() -> torch.Generator:
+    """A DataLoader generator: without one, each new iterator draws a seed from the global RNG,
+    which would shift dropout masks after a mid-epoch resume."""
+    return torch.Generator().manual_seed(0)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled micro-batches of one epoch: a function of (seed, epoch) only."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """torch.autocast for ``amp_dtype``, disabled when it is None (fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                          enabled=amp_dtype is not None)
+
+
+def forward_loss(model, batch: dict, device, amp_dtype, label_smoothing: float):
+    """(summed token loss, token count) of one micro-batch under autocast."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    with autocast(device, amp_dtype):
+        logits = model(**batch).logits
+    return token_loss_sum(logits, labels, label_smoothing)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, amp_dtype) -> float:
+    """Token-mean loss over a loader, in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        loss, n = forward_loss(model, batch, device, amp_dtype, 0.0)
+        total, count = total + loss.item(), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def exact_match_report(model, processor, samples, args, amp_dtype, device) -> dict[str, float]:
+    """Exact-match accuracy (normalised captions) overall and per ``split`` field."""
+    model.eval()
+    refs: dict[Path, set[str]] = {}
+    for s in samples:
+        refs.setdefault(s.image, set()).add(normalize_caption(s.text))
+    split = {s.image: s.split or "all" for s in samples}
+    first = {s.image: s for s in reversed(samples)}  # one sample per image, for loading
+    images = list(refs)
+    hits: dict[str, list[bool]] = {}
+    dataset = CaptionDataset([first[im] for im in images])
+    for i in tqdm(range(0, len(images), args.eval_batch_size), desc="eval", leave=False):
+        pil = [dataset[j][0] for j in range(i, min(i + args.eval_batch_size, len(images)))]
+        with autocast(device, amp_dtype):
+            preds = generate_captions(model, processor, pil, prompt=args.prompt,
+                                      num_beams=args.num_beams)
+        for im, pred in zip(images[i : i + len(pil)], preds, strict=True):
+            ok = normalize_caption(pred) in refs[im]
+            hits.setdefault("all", []).append(ok)
+            if split[im] != "all":
+                hits.setdefault(split[im], []).append(ok)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the path of the final adapter file."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    amp_dtype, use_scaler = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed)
+
+    model, processor, task = load_model(args.model, None if args.task == "auto" else args.task,
+                                        device=device)
+    out_dir = choose_output_dir(args, task)
+    resume_dir = None
+    if args.resume:
+        resume_dir = latest_checkpoint(out_dir) if args.resume == "auto" else Path(args.resume)
+        if resume_dir is None:
+            raise SystemExit(f"--resume auto: no checkpoint under {out_dir / 'checkpoints'}")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise SystemExit(f"{out_dir} is not empty: pass --resume auto to continue that run, "
+                         "or choose another --output-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data: samples -> seeded train/val split -> loaders (the order is ours, per epoch).
+    train_samples = load_samples(args.train_file, args)
+    if args.val_file:
+        val_samples = load_samples(args.val_file, args)
+    elif args.val_fraction > 0:
+        train_samples, val_samples = split_by_image(train_samples, args.val_fraction, args.seed)
+    else:
+        val_samples = []
+    collate = CaptionCollator(processor, prompt=args.prompt, max_length=args.max_length)
+    train_set = CaptionDataset(train_samples)
+    val_loader = DataLoader(CaptionDataset(val_samples), batch_size=args.eval_batch_size,
+                            collate_fn=collate, num_workers=args.num_workers,
+                            generator=quiet_rng())
+
+    # Adapters: fresh (seeded) or from the checkpoint being resumed.
+    lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
+                          targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                          rank_pattern=parse_patterns(args.rank_pattern, int),
+                          alpha_pattern=parse_patterns(args.alpha_pattern, float))
+    if resume_dir:
+        injection = load_adapter(model, resume_dir / ADAPTER, name="default")
+    else:
+        injection = inject_lora(model, lora_cfg)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    params = injection.adapter_parameters("default")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    n_micro = -(-len(train_set) // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
+    scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    run_config = {**vars(args), "task": task, "output_dir": str(out_dir), "device": str(device),
+                  "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
+                  "global_batch": args.batch_size * args.grad_accum, "total_steps": total_steps,
+                  "train_samples": len(train_samples), "val_samples": len(val_samples),
+                  "git_commit": git_commit(), "versions": library_versions()}
+    pos = Position()
+    if resume_dir:
+        state, pos = load_state(resume_dir)
+        diff = {k: (state["run"][k], run_config[k]) for k in RESUME_KEYS
+                if state["run"].get(k) != run_config[k]}
+        if diff:
+            raise SystemExit(f"cannot resume {resume_dir}: settings differ (saved, now): {diff}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d)", resume_dir, pos.step, pos.epoch)
+    (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    adapter_meta = {"base_model": args.model, "task": task, "prompt": args.prompt}
+    log.info("%s | %d train / %d val samples | global batch %d | %d optimizer steps | %s",
+             injection.describe(), len(train_samples), len(val_samples),
+             run_config["global_batch"], total_steps, f"autocast {amp_dtype}")
+
+    def checkpoint(rng: dict) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng, "run": run_config}
+        save_checkpoint(out_dir / "checkpoints" / f"step-{pos.step:06d}", injection, state,
+                        pos, adapter_meta, keep=args.keep_checkpoints)
+
+    metrics = (out_dir / "metrics.jsonl").open("a")
+    bar = tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True)
+    window_rng = rng_state()  # RNG state at the start of the current (or next) window
+    model.train()
+    t0 = time.time()
+    try:
+        for epoch in range(pos.epoch, args.epochs):
+            batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch)
+            start = pos.micro if epoch == pos.epoch else 0
+            loader = iter(DataLoader(train_set, batch_sampler=batches[start:], collate_fn=collate,
+                                     num_workers=args.num_workers, generator=quiet_rng()))
+            for window in windows(len(batches), args.grad_accum):
+                if window.start < start:
+                    continue
+                window_rng = rng_state()
+                micro = list(itertools.islice(loader, len(window)))
+                n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                loss_total = 0.0
+                for batch in micro:  # each micro-batch weighs its share of the window's tokens
+                    loss_sum, _ = forward_loss(model, batch, device, amp_dtype,
+                                               args.label_smoothing)
+                    scaler.scale(loss_sum / n_tokens).backward()
+                    loss_total += loss_sum.item()
+                scaler.unscale_(optimizer)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                             if args.max_grad_norm > 0 else torch.tensor(0.0))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                pos = dataclasses.replace(pos, step=pos.step + 1, epoch=epoch, micro=window.stop)
+                window_rng = rng_state()  # between windows: the state the next one starts from
+                loss = loss_total / n_tokens
+                metrics.write(json.dumps({"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr,
+                                          "grad_norm": float(grad_norm),
+                                          "time": round(time.time() - t0, 3)}) + "\n")
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                if args.save_every and pos.step % args.save_every == 0:
+                    checkpoint(rng_state())
+                if args.stop_after_steps and pos.step >= args.stop_after_steps:
+                    checkpoint(rng_state())
+                    log.info("stopped after %d steps; resume with --resume %s", pos.step,
+                             out_dir / "checkpoints" / f"step-{pos.step:06d}")
+                    return out_dir / "checkpoints" / f"step-{pos.step:06d}" / ADAPTER
+            pos = dataclasses.replace(pos, epoch=epoch + 1, micro=0)
+            record: dict[str, Any] = {"step": pos.step, "epoch": epoch}
+            if val_samples:
+                record["val_loss"] = validation_loss(model, val_loader, device, amp_dtype)
+                if record["val_loss"] < pos.best_val:
+                    pos = dataclasses.replace(pos, best_val=record["val_loss"])
+                    save_adapter(injection, out_dir / "best.safetensors", base_model=args.model,
+                                 extra=adapter_meta)
+                bar.write(f"epoch {epoch}: val loss {record['val_loss']:.4f}")
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            checkpoint(rng_state())
+    except KeyboardInterrupt:
+        checkpoint(window_rng)  # a resumed run replays an interrupted window from its start
+        bar.close()
+        log.warning("interrupted: checkpoint at step %d saved; continue with --resume auto "
+                    "--output-dir %s", pos.step, out_dir)
+        raise SystemExit(130) from None
+    finally:
+        metrics.close()
+    bar.close()
+
+    final = save_adapter(injection, out_dir / ADAPTER, base_model=args.model, extra=adapter_meta)
+    log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0, final)
+    if args.eval_file and args.eval_file.lower() != "none":
+        report_exact_match(model, processor, injection, args, amp_dtype, device, out_dir)
+    print(f"adapter: {final}")
+    return final
+
+
+def report_exact_match(model, processor, injection: LoRAInjection, args, amp_dtype, device,
+                       out_dir: Path) -> None:
+    """Exact match on --eval-file with the adapter (and the base), logged and saved as JSON."""
+    samples = load_samples(args.eval_file, args)
+    results = {"adapter": exact_match_report(model, processor, samples, args, amp_dtype, device)}
+    if args.eval_base:
+        injection.set_active([])
+        results["base"] = exact_match_report(model, processor, samples, args, amp_dtype, device)
+        injection.set_active(["default"])
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    for who, scores in results.items():
+        log.info("exact match (%s) on %s: %s", who, Path(args.eval_file).name,
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""The pieces of train.py's loop that deserve their own tests: schedule, accumulation, state."""
