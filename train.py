@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         injection = inject_lora(model, lora_cfg)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     params = injection.adapter_parameters("default")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     n_micro = -(-len(train_set) // args.batch_size)

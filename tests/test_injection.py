@@ -205,7 +205,7 @@ def test_gradient_checkpointing_gives_same_adapter_grads(batch):
         inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
         randomize_adapters(inj)
         if ckpt:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         model(**batch).loss.backward()
         grads.append([p.grad for p in inj.parameters()])
     assert all(g.abs().sum() > 0 for g in grads[1])

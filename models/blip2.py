@@ -1,0 +1,148 @@
+"""BLIP-2 (OPT or Flan-T5 language model): training batches, the token loss, generation.
+
+Items are ``(image, prompt, target)``: captioning uses prompt "" (or "a photo of"), VQA uses
+"Question: {q} Answer:". Only target tokens are learned.
+
+* Decoder-only (OPT): ``input_ids = [<image>×Q] </s> prompt target </s>``; ``labels`` are
+  ``input_ids`` with image tokens, the prompt (with its BOS) and padding set to -100, aligned
+  position for position so that logits[:, t] predicts labels[:, t + 1] (the model's own shift).
+* Encoder-decoder (T5): ``input_ids = [<image>×Q] prompt </s>``, ``labels = target </s>``; the
+  decoder input is ``labels`` shifted right (decoder start = pad), as T5 does internally.
+
+transformers (checked on 5.23) scatters the Q-Former outputs into the embeddings of the ``Q``
+image tokens that Blip2Processor puts in front of the text; ``model.config.image_token_index``
+must name that token, or the image is silently (partly) ignored: ``check_compatible`` fails
+loudly instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+IGNORE = -100
+
+
+def is_encoder_decoder(model: Blip2ForConditionalGeneration) -> bool:
+    """Whether the language model is an encoder-decoder (Flan-T5) rather than decoder-only."""
+    return not model.config.use_decoder_only_language_model
+
+
+def image_token_id(processor: Blip2Processor) -> int:
+    """Id of the processor's image placeholder token."""
+    return processor.tokenizer.convert_tokens_to_ids(str(processor.image_token))
+
+
+def check_compatible(model: Blip2ForConditionalGeneration, processor: Blip2Processor) -> None:
+    """Raise if processor and model disagree on the image token or the query-token count."""
+    want = (model.config.image_token_index, model.config.num_query_tokens)
+    have = (image_token_id(processor), processor.num_query_tokens)
+    if want != have:
+        raise ValueError(f"model expects (image_token_index, num_query_tokens) = {want}, the "
+                         f"processor makes {have}: the image would be ignored or misplaced")
+
+
+@dataclass
+class Blip2Collator:
+    """(image, prompt, target) triples -> BLIP-2 batch with ``labels`` on target tokens only.
+
+    ``max_length`` counts the image tokens too (Blip2Processor subtracts them for the text).
+    """
+
+    processor: Blip2Processor
+    max_length: int = 64
+    encoder_decoder: bool = False
+
+    @classmethod
+    def for_model(cls, model: Blip2ForConditionalGeneration, processor: Blip2Processor,
+                  max_length: int = 64) -> Blip2Collator:
+        """A collator matching ``model``'s language-model family, after check_compatible."""
+        check_compatible(model, processor)
+        return cls(processor, max_length, is_encoder_decoder(model))
+
+    def __call__(self, items: Sequence[tuple[Image.Image, str, str]]) -> dict[str, torch.Tensor]:
+        images, prompts, targets = (list(x) for x in zip(*items, strict=True))
+        tok = self.processor.tokenizer
+        common = dict(padding="longest", truncation=True, return_tensors="pt")
+        if self.encoder_decoder:
+            enc = self.processor(images=images, text=prompts, max_length=self.max_length,
+                                 **common)
+            dec = tok(targets, max_length=self.max_length, **common)
+            labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, IGNORE)
+            return {**enc, "labels": labels}
+        texts = [" ".join(s for s in (p.strip(), t.strip()) if s) + tok.eos_token
+                 for p, t in zip(prompts, targets, strict=True)]
+        # Right padding: the loss ignores pads, and positions of real tokens stay 0..n-1.
+        enc = self.processor(images=images, text=texts, max_length=self.max_length,
+                             padding_side="right", **common)
+        ids = enc["input_ids"]
+        text = (enc["attention_mask"] == 1) & (ids != image_token_id(self.processor))
+        rank = text.cumsum(1)  # 1-based index of each real text token in its row
+        n_prompt = torch.tensor([len(tok(p.strip()).input_ids) for p in prompts])  # incl. BOS
+        in_prompt = text & (rank <= n_prompt[:, None])
+        self._check_prompt_prefix(ids, in_prompt, prompts)
+        labels = ids.masked_fill(~text | in_prompt, IGNORE)
+        return {**enc, "labels": labels}
+
+    def _check_prompt_prefix(self, ids: torch.Tensor, in_prompt: torch.Tensor,
+                             prompts: list[str]) -> None:
+        # A BPE merge across the prompt/target boundary would shift the mask by a token.
+        tok = self.processor.tokenizer
+        for row, mask, prompt in zip(ids, in_prompt, prompts, strict=True):
+            if row[mask].tolist() != tok(prompt.strip()).input_ids:
+                raise ValueError(f"prompt {prompt!r} tokenizes differently once the target is "
+                                 "appended (or was truncated): its label mask would be wrong")
+
+
+def model_inputs(model: Blip2ForConditionalGeneration,
+                 batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without labels, for ``model(**...)``; T5 gets decoder_input_ids from labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if is_encoder_decoder(model):
+        # What T5 builds from labels itself: shifted right, decoder start = pad, -100 -> pad.
+        inputs["decoder_input_ids"] = model.language_model.prepare_decoder_input_ids_from_labels(
+            batch["labels"])
+    return inputs
+
+
+def blip2_loss_sum(model: Blip2ForConditionalGeneration, batch: dict[str, torch.Tensor],
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(sum of target-token cross-entropies in fp32, number of target tokens) for one batch.
+
+    Dividing the sums of a whole accumulation window by its token count gives the exact mean,
+    which averaging per-batch means does not when batches hold different numbers of tokens.
+    """
+    labels = batch["labels"]
+    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    if is_encoder_decoder(model):
+        targets = labels  # logits (B, T_dec, V): decoder position t predicts labels[:, t]
+    else:
+        logits, targets = logits[:, :-1], labels[:, 1:]  # (B, T-1, V): t predicts t+1
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum", label_smoothing=label_smoothing)
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def blip2_generate(model: Blip2ForConditionalGeneration, processor: Blip2Processor,
+                   images: Sequence[Image.Image], prompts: str | Sequence[str],
+                   max_new_tokens: int = 30, num_beams: int = 1, **kw) -> list[str]:
+    """Answer/caption ``images`` given ``prompts`` (one, or one per image); new text only."""
+    check_compatible(model, processor)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    enc_dec = is_encoder_decoder(model)
+    # OPT continues the last prompt token, so pad on the left (its positions follow the
+    # attention mask); T5's relative positions would shift, so it pads on the right.
+    enc = processor(images=list(images), text=[p.strip() for p in prompts], padding="longest",
+                    padding_side="right" if enc_dec else "left", return_tensors="pt")
+    enc = enc.to(next(model.parameters()).device)
+    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, **kw)
+    if not enc_dec:
+        out = out[:, enc["input_ids"].shape[1]:]  # decoder-only generate echoes the prompt
+    return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
