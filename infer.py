@@ -1,12 +1,14 @@
-"""Caption images with a BLIP model, alone or with one or more LoRA adapter files.
+"""Caption images, or answer questions about them, with a BLIP / BLIP-2 model and adapters.
 
     python infer.py image_test/                                   # the base model
     python infer.py image_test/ --adapter runs/caption-lora/adapter.safetensors --merge
     python infer.py a.jpg b.jpg --model Salesforce/blip-image-captioning-large --num-beams 3
+    python infer.py a.jpg --model Salesforce/blip-vqa-base --question "how many dogs?"
 
 Each adapter's settings (rank, alpha, targets, base model, prompt) come from its file's
 metadata. --merge folds the adapters into the weights: inference then costs exactly the base.
-Prints "<image>\t<caption>" lines, or writes JSON / JSONL with --output.
+Prints "<image>\t<caption>" (or "<image>\t<question>\t<answer>") lines, or writes JSON /
+JSONL with --output.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data.formats import load_image
-from models.api import Captioner
+from models.api import Pipeline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -41,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adapter .safetensors file (repeatable: their deltas add up)")
     p.add_argument("--merge", action="store_true",
                    help="merge adapters into the weights (no per-layer hook cost)")
+    p.add_argument("--question", action="append", default=None,
+                   help="answer this question about every image (repeatable; VQA models and "
+                        "BLIP-2)")
+    p.add_argument("--task", choices=["caption", "vqa"], default=None,
+                   help="default: the adapters' task, else the model's (vqa if --question)")
     p.add_argument("--prompt", default=None,
                    help="caption prefix (default: the adapter's training prompt, else none)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width")
@@ -77,7 +84,7 @@ def write_results(results: list[dict], output: str | None) -> None:
     """JSON list, JSONL lines, or tab-separated lines on stdout."""
     if output is None:
         for r in results:
-            print(f"{r['image']}\t{r['caption']}")
+            print("\t".join(r.values()))
     elif output.endswith(".jsonl"):
         Path(output).write_text("".join(json.dumps(r) + "\n" for r in results))
     else:
@@ -92,15 +99,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     images = find_images(args.inputs)
-    captioner = Captioner(args.model, args.adapter, merge=args.merge, device=args.device,
-                          dtype=torch.float16 if args.fp16 else torch.float32)
+    task = args.task or ("vqa" if args.question else None)
+    pipe = Pipeline(args.model, args.adapter, merge=args.merge, task=task, device=args.device,
+                    dtype=torch.float16 if args.fp16 else torch.float32, prompt=args.prompt)
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                do_sample=args.do_sample, top_p=args.top_p, temperature=args.temperature)
+    # One query per (image, question) pair, or per image when captioning.
+    queries = [(p, q) for p in images for q in (args.question or [None])]
     results = []
-    for i in tqdm(range(0, len(images), args.batch_size), desc="caption", disable=len(images) < 50):
-        chunk = images[i : i + args.batch_size]
-        captions = captioner.caption([load_image(p) for p in chunk], prompt=args.prompt, **gen)
-        results += [{"image": str(p), "caption": c} for p, c in zip(chunk, captions, strict=True)]
+    for i in tqdm(range(0, len(queries), args.batch_size), desc="predict",
+                  disable=len(queries) < 50):
+        chunk = queries[i : i + args.batch_size]
+        pil = [load_image(p) for p, _ in chunk]
+        if args.question:
+            answers = pipe.answer(pil, [q for _, q in chunk], **gen)
+            results += [{"image": str(p), "question": q, "answer": a}
+                        for (p, q), a in zip(chunk, answers, strict=True)]
+        else:
+            captions = pipe.caption(pil, **gen)
+            results += [{"image": str(p), "caption": c}
+                        for (p, _), c in zip(chunk, captions, strict=True)]
     write_results(results, args.output)
     return results
 

@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import CaptionDataset, split_by_image
-from data.formats import load_caption_samples
+from data.dataset import split_by_image
+from data.formats import load_image
 from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
 from lora.adapter_file import library_versions
-from models.captioning import CaptionCollator, generate_captions, normalize_caption, token_loss_sum
+from models.captioning import normalize_caption
 from models.loading import DEFAULT_MODEL, load_model, pick_device
+from models.tasks import Task, TaskDataset, make_task
 from training.accumulation import steps_per_epoch, windows
 from training.checkpoint import (
     ADAPTER,
@@ -46,11 +47,15 @@ from training.schedule import make_scheduler
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
+# The shipped synthetic data of each task: (train file, test file).
+DEFAULT_DATA = {"caption": ("annotations.jsonl", "annotations_test.jsonl"),
+                "vqa": ("vqa_train.jsonl", "vqa_test.jsonl")}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a resumed run must share with the run it continues (others, like threads, may vary).
 RESUME_KEYS = ("model", "task", "train_file", "val_file", "val_fraction", "r", "alpha", "dropout",
                "rslora", "targets", "rank_pattern", "alpha_pattern", "epochs", "batch_size",
                "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
-               "seed", "prompt", "label_smoothing")
+               "seed", "prompt", "label_smoothing", "base_dtype")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -64,17 +69,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id or local directory of a BLIP checkpoint (default: the embedded "
                         "tiny pretrained BLIP, a stand-in that runs anywhere)")
-    g.add_argument("--task", choices=["auto", "caption"], default="auto",
-                   help="what to train; auto reads it from the checkpoint's architecture")
-    g.add_argument("--train-file", default=str(ROOT / "annotations.jsonl"),
-                   help="training data: .jsonl, captions .json, COCO .json or caption/+Image/ dir")
+    g.add_argument("--task", choices=["auto", "caption", "vqa"], default="auto",
+                   help="what to train; auto reads it from the checkpoint's architecture "
+                        "(BLIP-2 checkpoints do both: caption by default)")
+    g.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32",
+                   help="dtype of the frozen base weights (fp16/bf16 halve their memory on a "
+                        "GPU; adapters always stay fp32)")
+    g.add_argument("--train-file", default=None,
+                   help="training data (default: the shipped set of the task). Captions: "
+                        ".jsonl, captions .json, COCO .json or caption/+Image/ dir; VQA: .jsonl, "
+                        "per-image .json (or a dir of them) or VQA v2 questions .json")
     g.add_argument("--val-file", default=None,
                    help="validation data (same formats); default: hold out --val-fraction")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of training images held out for validation when no "
                         "--val-file is given (0 disables validation)")
-    g.add_argument("--eval-file", default=str(ROOT / "annotations_test.jsonl"),
-                   help="test data for the exact-match report after training ('none' skips it)")
+    g.add_argument("--eval-file", default=None,
+                   help="test data for the exact-match report after training (default: the "
+                        "shipped test set of the task; 'none' skips it)")
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) malformed lines and unreadable images instead of failing")
     g.add_argument("--prompt", default="",
@@ -184,9 +196,9 @@ def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
     raise AssertionError
 
 
-def load_samples(path: str, args: argparse.Namespace) -> list:
+def load_samples(task: Task, path: str, args: argparse.Namespace) -> list:
     """Samples of one data file; skipped ones are reported, never dropped silently."""
-    samples, report = load_caption_samples(path, skip_bad_samples=args.skip_bad_samples)
+    samples, report = task.load_samples(path, skip_bad_samples=args.skip_bad_samples)
     if report.count:
         log.warning("%s: %s", path, report.summary())
     return samples
@@ -210,48 +222,40 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autoc
                           enabled=amp_dtype is not None)
 
 
-def forward_loss(model, batch: dict, device, amp_dtype, label_smoothing: float):
+def forward_loss(task: Task, model, batch: dict, device, amp_dtype, label_smoothing: float):
     """(summed token loss, token count) of one micro-batch under autocast."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    labels = batch.pop("labels")
     with autocast(device, amp_dtype):
-        logits = model(**batch).logits
-    return token_loss_sum(logits, labels, label_smoothing)
+        return task.loss_sum(model, batch, label_smoothing)
 
 
 @torch.no_grad()
-def validation_loss(model, loader, device, amp_dtype) -> float:
+def validation_loss(task: Task, model, loader, device, amp_dtype) -> float:
     """Token-mean loss over a loader, in eval mode."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        loss, n = forward_loss(model, batch, device, amp_dtype, 0.0)
+        loss, n = forward_loss(task, model, batch, device, amp_dtype, 0.0)
         total, count = total + loss.item(), count + n
     model.train()
     return total / max(count, 1)
 
 
-def exact_match_report(model, processor, samples, args, amp_dtype, device) -> dict[str, float]:
-    """Exact-match accuracy (normalised captions) overall and per ``split`` field."""
-    model.eval()
-    refs: dict[Path, set[str]] = {}
-    for s in samples:
-        refs.setdefault(s.image, set()).add(normalize_caption(s.text))
-    split = {s.image: s.split or "all" for s in samples}
-    first = {s.image: s for s in reversed(samples)}  # one sample per image, for loading
-    images = list(refs)
+def exact_match_report(task: Task, samples, args, amp_dtype, device) -> dict[str, float]:
+    """Exact-match accuracy (normalised text) overall and per ``split`` field."""
+    units = task.eval_units(samples)
     hits: dict[str, list[bool]] = {}
-    dataset = CaptionDataset([first[im] for im in images])
-    for i in tqdm(range(0, len(images), args.eval_batch_size), desc="eval", leave=False):
-        pil = [dataset[j][0] for j in range(i, min(i + args.eval_batch_size, len(images)))]
+    for i in tqdm(range(0, len(units), args.eval_batch_size), desc="eval", leave=False):
+        chunk = units[i : i + args.eval_batch_size]
+        images = [load_image(s.image) for s, _ in chunk]
+        questions = [s.question for s, _ in chunk] if task.name == "vqa" else None
         with autocast(device, amp_dtype):
-            preds = generate_captions(model, processor, pil, prompt=args.prompt,
-                                      num_beams=args.num_beams)
-        for im, pred in zip(images[i : i + len(pil)], preds, strict=True):
-            ok = normalize_caption(pred) in refs[im]
+            preds = task.predict(images, questions, num_beams=args.num_beams)
+        for (sample, refs), pred in zip(chunk, preds, strict=True):
+            ok = normalize_caption(pred) in refs
             hits.setdefault("all", []).append(ok)
-            if split[im] != "all":
-                hits.setdefault(split[im], []).append(ok)
+            if sample.split:
+                hits.setdefault(sample.split, []).append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
@@ -265,9 +269,13 @@ def main(argv: list[str] | None = None) -> Path:
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
 
-    model, processor, task = load_model(args.model, None if args.task == "auto" else args.task,
-                                        device=device)
-    out_dir = choose_output_dir(args, task)
+    model, processor, task_name = load_model(
+        args.model, None if args.task == "auto" else args.task, dtype=DTYPES[args.base_dtype],
+        device=device)
+    task = make_task(model, processor, task_name, prompt=args.prompt, max_length=args.max_length)
+    train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
+    args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file
+    out_dir = choose_output_dir(args, task_name)
     resume_dir = None
     if args.resume:
         resume_dir = latest_checkpoint(out_dir) if args.resume == "auto" else Path(args.resume)
@@ -279,17 +287,16 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: samples -> seeded train/val split -> loaders (the order is ours, per epoch).
-    train_samples = load_samples(args.train_file, args)
+    train_samples = load_samples(task, args.train_file, args)
     if args.val_file:
-        val_samples = load_samples(args.val_file, args)
+        val_samples = load_samples(task, args.val_file, args)
     elif args.val_fraction > 0:
         train_samples, val_samples = split_by_image(train_samples, args.val_fraction, args.seed)
     else:
         val_samples = []
-    collate = CaptionCollator(processor, prompt=args.prompt, max_length=args.max_length)
-    train_set = CaptionDataset(train_samples)
-    val_loader = DataLoader(CaptionDataset(val_samples), batch_size=args.eval_batch_size,
-                            collate_fn=collate, num_workers=args.num_workers,
+    train_set = TaskDataset(train_samples, task)
+    val_loader = DataLoader(TaskDataset(val_samples, task), batch_size=args.eval_batch_size,
+                            collate_fn=task.collate, num_workers=args.num_workers,
                             generator=quiet_rng())
 
     # Adapters: fresh (seeded) or from the checkpoint being resumed.
@@ -310,8 +317,8 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    run_config = {**vars(args), "task": task, "output_dir": str(out_dir), "device": str(device),
-                  "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
+    run_config = {**vars(args), "task": task_name, "output_dir": str(out_dir),
+                  "device": str(device), "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
                   "global_batch": args.batch_size * args.grad_accum, "total_steps": total_steps,
                   "train_samples": len(train_samples), "val_samples": len(val_samples),
                   "git_commit": git_commit(), "versions": library_versions()}
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> Path:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", resume_dir, pos.step, pos.epoch)
     (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    adapter_meta = {"base_model": args.model, "task": task, "prompt": args.prompt}
+    adapter_meta = {"base_model": args.model, "task": task_name, "prompt": args.prompt}
     log.info("%s | %d train / %d val samples | global batch %d | %d optimizer steps | %s",
              injection.describe(), len(train_samples), len(val_samples),
              run_config["global_batch"], total_steps, f"autocast {amp_dtype}")
@@ -348,7 +355,8 @@ def main(argv: list[str] | None = None) -> Path:
         for epoch in range(pos.epoch, args.epochs):
             batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch)
             start = pos.micro if epoch == pos.epoch else 0
-            loader = iter(DataLoader(train_set, batch_sampler=batches[start:], collate_fn=collate,
+            loader = iter(DataLoader(train_set, batch_sampler=batches[start:],
+                                     collate_fn=task.collate,
                                      num_workers=args.num_workers, generator=quiet_rng()))
             for window in windows(len(batches), args.grad_accum):
                 if window.start < start:
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> Path:
                 n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
                 loss_total = 0.0
                 for batch in micro:  # each micro-batch weighs its share of the window's tokens
-                    loss_sum, _ = forward_loss(model, batch, device, amp_dtype,
+                    loss_sum, _ = forward_loss(task, model, batch, device, amp_dtype,
                                                args.label_smoothing)
                     scaler.scale(loss_sum / n_tokens).backward()
                     loss_total += loss_sum.item()
@@ -388,7 +396,7 @@ def main(argv: list[str] | None = None) -> Path:
             pos = dataclasses.replace(pos, epoch=epoch + 1, micro=0)
             record: dict[str, Any] = {"step": pos.step, "epoch": epoch}
             if val_samples:
-                record["val_loss"] = validation_loss(model, val_loader, device, amp_dtype)
+                record["val_loss"] = validation_loss(task, model, val_loader, device, amp_dtype)
                 if record["val_loss"] < pos.best_val:
                     pos = dataclasses.replace(pos, best_val=record["val_loss"])
                     save_adapter(injection, out_dir / "best.safetensors", base_model=args.model,
@@ -409,20 +417,21 @@ def main(argv: list[str] | None = None) -> Path:
 
     final = save_adapter(injection, out_dir / ADAPTER, base_model=args.model, extra=adapter_meta)
     log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0, final)
-    if args.eval_file and args.eval_file.lower() != "none":
-        report_exact_match(model, processor, injection, args, amp_dtype, device, out_dir)
+    if args.eval_file.lower() != "none":
+        report_exact_match(task, injection, args, amp_dtype, device, out_dir)
     print(f"adapter: {final}")
     return final
 
 
-def report_exact_match(model, processor, injection: LoRAInjection, args, amp_dtype, device,
+def report_exact_match(task: Task, injection: LoRAInjection, args, amp_dtype, device,
                        out_dir: Path) -> None:
     """Exact match on --eval-file with the adapter (and the base), logged and saved as JSON."""
-    samples = load_samples(args.eval_file, args)
-    results = {"adapter": exact_match_report(model, processor, samples, args, amp_dtype, device)}
+    injection.model.eval()
+    samples = load_samples(task, args.eval_file, args)
+    results = {"adapter": exact_match_report(task, samples, args, amp_dtype, device)}
     if args.eval_base:
         injection.set_active([])
-        results["base"] = exact_match_report(model, processor, samples, args, amp_dtype, device)
+        results["base"] = exact_match_report(task, samples, args, amp_dtype, device)
         injection.set_active(["default"])
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     for who, scores in results.items():

@@ -1,42 +1,49 @@
-"""The Python API: a BLIP model with zero or more adapter files, captioning PIL images.
+"""The Python API: a BLIP / BLIP-2 model with zero or more adapter files, for PIL images.
 
-    from models.api import Captioner
-    cap = Captioner(adapters=["runs/caption-lora/adapter.safetensors"], merge=True)
-    cap.caption([Image.open("image_test/00000.png")])
+    from models.api import Pipeline
+    pipe = Pipeline(adapters=["runs/caption-lora/adapter.safetensors"], merge=True)
+    pipe.caption([Image.open("image_test/00000.png")])
+    Pipeline("models/tiny_blip_vqa").predict_answers(image, ["how many cubes are there?"])
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from lora import LoRAInjection, load_adapter, read_metadata
 
-from .captioning import generate_captions
 from .loading import DEFAULT_MODEL, load_model, pick_device
+from .tasks import make_task
 
 
-class Captioner:
-    """Base model + adapters (settings from each adapter file's metadata), ready to caption."""
+class Pipeline:
+    """Base model + adapters (settings from each adapter file's metadata), ready to predict."""
 
     def __init__(
         self,
         model: str | None = None,
         adapters: Sequence[str | Path] = (),
         merge: bool = False,
+        task: str | None = None,
         device: str = "auto",
         dtype: torch.dtype = torch.float32,
+        prompt: str | None = None,
     ) -> None:
         metas = [read_metadata(a) for a in adapters]
-        # The base the adapters were trained on, unless the caller names one.
+        # The base and task the adapters were trained for, unless the caller names them.
         model = model or next((m["base_model"] for m in metas if m.get("base_model")),
                               DEFAULT_MODEL)
-        self.model, self.processor, self.task = load_model(model, device=pick_device(device),
-                                                           dtype=dtype)
-        self.prompt = next((m["prompt"] for m in metas if m.get("prompt")), "")
+        task = task or next((m["task"] for m in metas if m.get("task")), None)
+        self.model, self.processor, task = load_model(model, task, dtype=dtype,
+                                                      device=pick_device(device))
+        if prompt is None:
+            prompt = next((m["prompt"] for m in metas if m.get("prompt")), "")
+        self.task = make_task(self.model, self.processor, task, prompt=prompt)
         self.injection: LoRAInjection | None = None
         for i, path in enumerate(adapters):  # distinct names: two runs' files share a stem
             self.injection = load_adapter(self.injection or self.model, path,
@@ -44,9 +51,16 @@ class Captioner:
         if merge and self.injection is not None:
             self.injection.merge(exact_unmerge=False)  # inference only: no backup copy needed
 
-    def caption(self, images: Sequence[Image.Image], prompt: str | None = None,
-                **generate_kwargs) -> list[str]:
-        """Captions for PIL images (one generate call; batch them yourself if many)."""
-        prompt = self.prompt if prompt is None else prompt
-        return generate_captions(self.model, self.processor, images, prompt=prompt,
-                                 **generate_kwargs)
+    def caption(self, images: Sequence[Image.Image], **generate_kwargs: Any) -> list[str]:
+        """One caption per PIL image (one generate call: batch large lists yourself)."""
+        return self.task.predict(images, None, **generate_kwargs)
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str],
+               **generate_kwargs: Any) -> list[str]:
+        """One answer per (image, question) pair."""
+        return self.task.predict(images, questions, **generate_kwargs)
+
+    def predict_answers(self, image: Image.Image, questions: Sequence[str],
+                        **generate_kwargs: Any) -> list[str]:
+        """Answers to several questions about one image."""
+        return self.answer([image] * len(questions), questions, **generate_kwargs)

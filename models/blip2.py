@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-IGNORE = -100
+from .loss import IGNORE, token_loss_sum
 
 
 def is_encoder_decoder(model: Blip2ForConditionalGeneration) -> bool:
@@ -117,15 +116,10 @@ def blip2_loss_sum(model: Blip2ForConditionalGeneration, batch: dict[str, torch.
     Dividing the sums of a whole accumulation window by its token count gives the exact mean,
     which averaging per-batch means does not when batches hold different numbers of tokens.
     """
-    labels = batch["labels"]
     logits = model(**model_inputs(model, batch), use_cache=False).logits
-    if is_encoder_decoder(model):
-        targets = labels  # logits (B, T_dec, V): decoder position t predicts labels[:, t]
-    else:
-        logits, targets = logits[:, :-1], labels[:, 1:]  # (B, T-1, V): t predicts t+1
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum", label_smoothing=label_smoothing)
-    return loss, int((targets != IGNORE).sum())
+    # T5's decoder position t predicts labels[:, t]; OPT's position t predicts t + 1.
+    return token_loss_sum(logits, batch["labels"], label_smoothing,
+                          shift=not is_encoder_decoder(model))
 
 
 @torch.no_grad()

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipProcessor, PreTrainedModel
 
-IGNORE = -100
+from .loss import IGNORE
 
 
 def normalize_caption(text: str) -> str:
@@ -31,6 +30,9 @@ class CaptionCollator:
     processor: BlipProcessor
     prompt: str = ""
     max_length: int = 64
+    # generate() starts from bos_token_id; real BLIP checkpoints use [DEC] there, not the
+    # tokenizer's [CLS], so training must too (the model's forward does not replace it).
+    bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         # [CLS] + prompt tokens; BLIP's loss is shifted, so position 0 is never a target anyway.
@@ -42,19 +44,12 @@ class CaptionCollator:
         enc = self.processor(images=list(images), text=[self.prompt + t for t in texts],
                              padding="longest", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
+        if self.bos_token_id is not None:
+            enc["input_ids"][:, 0] = self.bos_token_id
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
         labels[:, : self.prompt_len] = IGNORE
         return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
                 "attention_mask": enc["attention_mask"], "labels": labels}
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies, number of target tokens); logits (B, T, V)."""
-    targets = labels[:, 1:]  # token t+1 is predicted from position t
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing)
-    return loss, int((targets != IGNORE).sum())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Loading a BLIP checkpoint (hub id or local directory) with its processor, offline-friendly.
+"""Loading a BLIP / BLIP-2 checkpoint (hub id or local directory) with its processor.
 
 The default model is the embedded tiny pretrained BLIP in models/tiny_blip: a same-architecture
 stand-in that runs anywhere (see its README). Real checkpoints load through the same
@@ -8,12 +8,27 @@ stand-in that runs anywhere (see its README). Real checkpoints load through the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    BlipForConditionalGeneration,
+    BlipForQuestionAnswering,
+    PreTrainedModel,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "models/tiny_blip"  # relative to the checkout, so adapter metadata stays portable
+
+# config.architectures[0] -> (model class, tasks it can train; the first is the default).
+ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], tuple[str, ...]]] = {
+    "BlipForConditionalGeneration": (BlipForConditionalGeneration, ("caption",)),
+    "BlipForQuestionAnswering": (BlipForQuestionAnswering, ("vqa",)),
+    "Blip2ForConditionalGeneration": (Blip2ForConditionalGeneration, ("caption", "vqa")),
+}
 
 
 def resolve_model_id(model_id: str) -> str:
@@ -24,31 +39,27 @@ def resolve_model_id(model_id: str) -> str:
         return str(ROOT / model_id)
     return model_id
 
-# config.architectures[0] -> task; the explicit table keeps supported families visible.
-TASKS = {"BlipForConditionalGeneration": "caption"}
-MODEL_CLASSES = {"caption": BlipForConditionalGeneration}
 
-
-def infer_task(model_id: str) -> str:
-    """The task a checkpoint was built for, from its config's ``architectures``."""
+def architecture(model_id: str) -> str:
+    """The supported architecture named in a checkpoint's config."""
     config = AutoConfig.from_pretrained(resolve_model_id(model_id))
     for arch in config.architectures or []:
-        if arch in TASKS:
-            return TASKS[arch]
+        if arch in ARCHITECTURES:
+            return arch
     raise ValueError(f"{model_id}: architectures {config.architectures} not supported; "
-                     f"supported: {sorted(TASKS)}")
+                     f"supported: {sorted(ARCHITECTURES)}")
 
 
 def load_model(model_id: str, task: str | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, BlipProcessor, str]:
+               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, str]:
     """(model in eval mode, processor, task) for a hub id or a local checkpoint directory."""
     model_id = resolve_model_id(model_id)
-    task = task or infer_task(model_id)
-    if task not in MODEL_CLASSES:
-        raise ValueError(f"task {task!r} not supported; choose from {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[task].from_pretrained(model_id, dtype=dtype).to(device).eval()
-    processor = BlipProcessor.from_pretrained(model_id)
-    return model, processor, task
+    cls, tasks = ARCHITECTURES[architecture(model_id)]
+    task = task or tasks[0]
+    if task not in tasks:
+        raise ValueError(f"{model_id} is a {cls.__name__}: it trains {tasks}, not {task!r}")
+    model = cls.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    return model, AutoProcessor.from_pretrained(model_id), task
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import infer
 import train
 from lora import LoRAConfig, inject_lora
-from models.api import Captioner
-from models.captioning import CaptionCollator
+from models.api import Pipeline
 from models.loading import load_model
+from models.tasks import make_task
 from training.accumulation import steps_per_epoch, windows
 from training.schedule import make_scheduler, warmup_cosine
 
@@ -60,13 +60,14 @@ def test_accumulated_gradient_equals_big_batch(tmp_path):
     from PIL import Image
     items = [(Image.open(tmp_path / "d" / f"{i}.png").convert("RGB"), t)
              for i, t in enumerate(texts)]
-    collate = CaptionCollator(processor)
+    task = make_task(model, processor, "caption")
+    collate = task.collate
     params = inj.adapter_parameters()
 
     def grads(micro_batches):
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         for b in micro_batches:
-            loss, _ = train.forward_loss(model, b, torch.device("cpu"), None, 0.0)
+            loss, _ = train.forward_loss(task, model, b, torch.device("cpu"), None, 0.0)
             (loss / n).backward()
         g = [p.grad.clone() for p in params]
         for p in params:
@@ -110,7 +111,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
 def test_ctrl_c_saves_and_resumes_exactly(setup, tmp_path, monkeypatch, at_call):
     full = load_file(train.main(_args(setup, tmp_path / "a")))
     calls = {"n": 0}
-    real = train.token_loss_sum
+    real = train.forward_loss
 
     def interrupting(*a, **kw):
         calls["n"] += 1
@@ -118,11 +119,11 @@ def test_ctrl_c_saves_and_resumes_exactly(setup, tmp_path, monkeypatch, at_call)
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(train, "token_loss_sum", interrupting)
+    monkeypatch.setattr(train, "forward_loss", interrupting)
     with pytest.raises(SystemExit) as stop:
         train.main(_args(setup, tmp_path / "b"))
     assert stop.value.code == 130
-    monkeypatch.setattr(train, "token_loss_sum", real)
+    monkeypatch.setattr(train, "forward_loss", real)
     resumed = load_file(train.main(_args(setup, tmp_path / "b", "--resume", "auto")))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
@@ -154,8 +155,8 @@ def test_train_save_load_infer_round_trip(setup, tmp_path):
     assert [r["caption"] for r in hooked] == [r["caption"] for r in merged]
     lines = (tmp_path / "c.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == hooked
-    cap = Captioner(adapters=[adapter])  # base model read from the adapter's metadata
-    assert cap.injection is not None and cap.task == "caption"
+    cap = Pipeline(adapters=[adapter])  # base model read from the adapter's metadata
+    assert cap.injection is not None and cap.task.name == "caption"
     with torch.no_grad():
         cap.injection.set_active([])
     from PIL import Image

@@ -1,0 +1,84 @@
+"""BLIP VQA (BlipForQuestionAnswering): training batches, answer logits, answer generation.
+
+The model encodes the image (ViT), then the question with cross-attention to the image
+(text_encoder), then decodes the answer with cross-attention to the question (text_decoder).
+Its own ``forward`` returns no logits, and its ``generate`` attends to question padding; both
+paths are written out here with the question mask applied consistently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import BlipForQuestionAnswering, BlipProcessor
+
+from .loss import IGNORE, token_loss_sum
+
+
+@dataclass
+class VQACollator:
+    """(PIL image, question, answer) triples -> question inputs + answer ids and labels."""
+
+    processor: BlipProcessor
+    bos_token_id: int  # the answer decoder starts from this id, as in generate
+    max_length: int = 40
+
+    def __call__(self, items: Sequence[tuple[Image.Image, str, str]]) -> dict[str, torch.Tensor]:
+        images, questions, answers = zip(*items, strict=True)
+        enc = self.processor(images=list(images), text=list(questions), padding="longest",
+                             truncation=True, max_length=self.max_length, return_tensors="pt")
+        ans = self.processor.tokenizer(list(answers), padding="longest", truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+        answer_ids = ans["input_ids"].clone()
+        answer_ids[:, 0] = self.bos_token_id
+        labels = answer_ids.masked_fill(ans["attention_mask"] == 0, IGNORE)
+        return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"], "answer_ids": answer_ids,
+                "answer_mask": ans["attention_mask"], "labels": labels}
+
+
+def encode_question(model: BlipForQuestionAnswering, pixel_values: torch.Tensor,
+                    input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Question states (B, Tq, H) conditioned on the image."""
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=image_mask).last_hidden_state
+
+
+def answer_logits(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Decoder logits (B, Ta, V) for the answer tokens, teacher-forced."""
+    question = encode_question(model, batch["pixel_values"], batch["input_ids"],
+                               batch["attention_mask"])
+    return model.text_decoder(input_ids=batch["answer_ids"], attention_mask=batch["answer_mask"],
+                              encoder_hidden_states=question,
+                              encoder_attention_mask=batch["attention_mask"]).logits
+
+
+def vqa_loss_sum(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor],
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(summed answer-token cross-entropy, answer-token count)."""
+    return token_loss_sum(answer_logits(model, batch), batch["labels"], label_smoothing)
+
+
+@torch.no_grad()
+def vqa_generate(model: BlipForQuestionAnswering, processor: BlipProcessor,
+                 images: Sequence[Image.Image], questions: Sequence[str],
+                 max_new_tokens: int = 10, num_beams: int = 1, **kw) -> list[str]:
+    """One answer per (image, question) pair."""
+    device = next(model.parameters()).device
+    enc = processor(images=list(images), text=list(questions), padding="longest",
+                    return_tensors="pt").to(device)
+    question = encode_question(model, enc["pixel_values"].to(model.dtype), enc["input_ids"],
+                               enc["attention_mask"])
+    cfg = model.config.text_config
+    start = torch.full((len(images), 1), cfg.bos_token_id, device=device)
+    out = model.text_decoder.generate(
+        input_ids=start, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
+        encoder_hidden_states=question, encoder_attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens, num_beams=num_beams, **kw)
+    return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
