@@ -18,6 +18,26 @@ from transformers import BlipForQuestionAnswering, BlipProcessor
 from .loss import IGNORE, token_loss_sum
 
 
+def restore_cross_attention_masks(model: BlipForQuestionAnswering) -> int:
+    """Make BLIP's text cross-attention honour ``encoder_attention_mask``; returns hooks added.
+
+    transformers 5.23's BlipTextLayer hands the cross-attention mask to BlipTextSelfAttention as
+    ``attention_mask``, which then discards it (it reads ``encoder_attention_mask`` for cross-
+    attention), so the answer decoder attends to question padding and a batched answer depends
+    on its neighbours' question lengths. A pre-hook passes the mask on under the name read.
+    Captioning is unaffected (its encoder states, the image patches, have no padding).
+    """
+    def pass_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("encoder_attention_mask") is None:
+            kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+        return args, kwargs
+
+    names = [n for n, _ in model.named_modules() if n.endswith("crossattention.self")]
+    for n in names:
+        model.get_submodule(n).register_forward_pre_hook(pass_mask, with_kwargs=True)
+    return len(names)
+
+
 @dataclass
 class VQACollator:
     """(PIL image, question, answer) triples -> question inputs + answer ids and labels."""

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .blip_vqa import restore_cross_attention_masks
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "models/tiny_blip"  # relative to the checkout, so adapter metadata stays portable
 
@@ -59,6 +61,8 @@ def load_model(model_id: str, task: str | None = None, dtype: torch.dtype = torc
     if task not in tasks:
         raise ValueError(f"{model_id} is a {cls.__name__}: it trains {tasks}, not {task!r}")
     model = cls.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    if cls is BlipForQuestionAnswering:
+        restore_cross_attention_masks(model)  # transformers 5.23 drops the question mask
     return model, AutoProcessor.from_pretrained(model_id), task
 
 

@@ -1,0 +1,93 @@
+"""BLIP VQA: our answer loss equals the model's own, batched answers match single ones, and
+train.py --task vqa runs end to end."""
+
+import json
+
+import torch
+from conftest import (
+    randomize_adapters,
+    write_tiny_dataset,
+    write_tiny_model_dir,
+    write_tiny_vqa_dataset,
+)
+from PIL import Image
+
+import infer
+import train
+from lora import LoRAConfig, inject_lora
+from models.blip_vqa import VQACollator, answer_logits, vqa_generate, vqa_loss_sum
+from models.loading import load_model
+
+
+def _setup(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    model, processor, task = load_model(str(model_dir))
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    return model_dir, model, processor, task, images
+
+
+def test_loss_sum_matches_model_loss_and_grads_reach_adapters(tmp_path):
+    _, model, processor, task, images = _setup(tmp_path)
+    assert task == "vqa"
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("vision", "text")))
+    randomize_adapters(inj)
+    collate = VQACollator(processor, model.config.text_config.bos_token_id)
+    batch = collate([(images[0], "what colour is the cube?", "red"),
+                     (images[1], "is the cube red?", "no"),
+                     (images[2], "what colour?", "a green cube")])
+    total, n = vqa_loss_sum(model, batch)
+    own = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], decoder_input_ids=batch["answer_ids"],
+                decoder_attention_mask=batch["answer_mask"], labels=batch["labels"]).loss
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(total / n, own, rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in inj.parameters())
+
+
+def test_padded_questions_are_masked_everywhere(tmp_path):
+    # Question padding must not leak into the answer: batched = one by one, per real token.
+    _, model, processor, _, images = _setup(tmp_path)
+    collate = VQACollator(processor, model.config.text_config.bos_token_id)
+    items = [(images[0], "what colour is the cube?", "red"), (images[1], "is it?", "no yes")]
+    batch = collate(items)
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # padded
+    with torch.no_grad():
+        batched = answer_logits(model, batch)
+        for i, item in enumerate(items):
+            single = answer_logits(model, collate([item]))
+            n = single.shape[1]
+            torch.testing.assert_close(batched[i, :n], single[0], rtol=1e-4, atol=1e-5)
+    answers = vqa_generate(model, processor, images[:2], [q for _, q, _ in items],
+                           max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_train_vqa_then_infer_questions(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    data = write_tiny_vqa_dataset(tmp_path / "d")
+    adapter = train.main(["--model", str(model_dir), "--train-file", str(data), "--eval-file",
+                          str(data), "--epochs", "2", "--batch-size", "4",
+                          "--output-dir", str(tmp_path / "run")])
+    report = json.loads((tmp_path / "run/eval.json").read_text())
+    assert set(report) == {"adapter", "base"} and 0 <= report["adapter"]["all"] <= 1
+    image = str(tmp_path / "d/0.png")
+    out = infer.main([image, "--adapter", str(adapter), "--question", "is the cube red?",
+                      "--question", "what colour is the cube?"])
+    assert [r["question"] for r in out] == ["is the cube red?", "what colour is the cube?"]
+    merged = infer.main([image, "--adapter", str(adapter), "--merge", "--question",
+                         "is the cube red?", "--question", "what colour is the cube?"])
+    assert out == merged
+
+
+def test_caption_model_refuses_vqa(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "m")
+    data = write_tiny_dataset(tmp_path / "d")
+    try:
+        train.main(["--model", str(model_dir), "--task", "vqa", "--train-file", str(data),
+                    "--output-dir", str(tmp_path / "r")])
+    except ValueError as e:
+        assert "not 'vqa'" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
