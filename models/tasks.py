@@ -96,7 +96,7 @@ def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "
               max_length: int = 64) -> Task:
     """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2)."""
     family = "blip2" if type(model).__name__.startswith("Blip2") else "blip"
-    bos = model.config.text_config.bos_token_id
+    bos = model.config.text_config.bos_token_id if family == "blip" else None
     if (family, task) == ("blip", "caption"):
         return Task(
             task, family, CaptionCollator(processor, prompt, max_length, bos_token_id=bos),

@@ -205,3 +205,32 @@ def test_optimizer_holds_only_adapter_parameters(setup):
     (total / n).backward()
     optimizer.step()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_py_and_infer_py_on_saved_blip2(tmp_path, family):
+    """The same train.py / infer.py run BLIP-2: captioning and prompted VQA, end to end."""
+    from conftest import write_tiny_dataset, write_tiny_vqa_dataset
+
+    import infer
+    import train
+
+    model, processor = tiny_blip2(family)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    caps = write_tiny_dataset(tmp_path / "c", n=6)
+    vqa = write_tiny_vqa_dataset(tmp_path / "v", n=6)
+    common = ["--model", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "3",
+              "--val-fraction", "0", "--targets", "vision,qformer,language"]
+    cap_adapter = train.main([*common, "--train-file", str(caps), "--eval-file", str(caps),
+                              "--output-dir", str(tmp_path / "rc")])
+    vqa_adapter = train.main([*common, "--task", "vqa", "--train-file", str(vqa),
+                              "--eval-file", str(vqa), "--output-dir", str(tmp_path / "rv")])
+    image = str(tmp_path / "c/0.png")
+    out = infer.main([image, "--adapter", str(cap_adapter), "--max-new-tokens", "3"])
+    assert len(out) == 1 and isinstance(out[0]["caption"], str)
+    hooked = infer.main([image, "--adapter", str(vqa_adapter), "--question", "is the cube red?",
+                         "--max-new-tokens", "3"])
+    merged = infer.main([image, "--adapter", str(vqa_adapter), "--merge", "--question",
+                         "is the cube red?", "--max-new-tokens", "3"])
+    assert hooked == merged and hooked[0]["question"] == "is the cube red?"
