@@ -197,11 +197,8 @@ def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
 
 
 def load_samples(task: Task, path: str, args: argparse.Namespace) -> list:
-    """Samples of one data file; skipped ones are reported, never dropped silently."""
-    samples, report = task.load_samples(path, skip_bad_samples=args.skip_bad_samples)
-    if report.count:
-        log.warning("%s: %s", path, report.summary())
-    return samples
+    """Samples of one data file (the loader logs what --skip-bad-samples skipped)."""
+    return task.load_samples(path, skip_bad_samples=args.skip_bad_samples)[0]
 
 
 def quiet_rng() -> torch.Generator:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,14 +123,22 @@ def load_caption_samples(
     else:
         raise DataFormatError(f"{path}: unknown dataset format; expected {ACCEPTED_FORMATS}")
 
-    samples: list[CaptionSample] = []
+    return collect(path, entries, skip_bad_samples)
+
+
+def collect(path: Path, entries: Iterable[Any],
+            skip_bad_samples: bool) -> tuple[list[Any], SkipReport]:
+    """Samples of ``entries`` (each a sample, a list of samples, or an error message): errors
+    raise together, or with skip_bad_samples are skipped, counted and logged."""
+    samples: list[Any] = []
     errors: list[str] = []
     for entry in entries:
         if isinstance(entry, str):
             errors.append(entry)
-        else:
+        elif isinstance(entry, list):
             samples.extend(entry)
-
+        else:
+            samples.append(entry)
     report = SkipReport()
     if errors and not skip_bad_samples:
         listed = "\n  ".join(errors[:MAX_LISTED_ERRORS])
@@ -230,8 +238,9 @@ def _sample_image(value: Any, base: Path, check: Callable[[Path], str | None]) -
     return image
 
 
-def _read_jsonl(path: Path, base: Path, check: Callable[[Path], str | None]) -> Iterator[_Entry]:
-    """Entries of a JSONL file, one per non-blank line."""
+def read_jsonl(path: Path, make: Callable[[dict[str, Any], str, str | None], Any]) -> Iterator:
+    """Entries of a JSONL file, one per non-blank line: ``make(record, source, split)``, or the
+    error message of a bad line (``make`` raises _BadEntry for bad fields)."""
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028, which would shift lines.
     for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
@@ -244,14 +253,23 @@ def _read_jsonl(path: Path, base: Path, check: Callable[[Path], str | None]) -> 
                 raise _BadEntry(f"invalid JSON ({e.msg} at column {e.colno})") from e
             if not isinstance(record, dict):
                 raise _BadEntry(f"expected a JSON object, got {type(record).__name__}")
-            captions = _captions(_one_of(record, TEXT_KEYS, "caption"))
             split = record.get("split")
             if split is not None and not isinstance(split, str):
                 raise _BadEntry(f"split must be a string, got {type(split).__name__}")
-            image = _sample_image(_one_of(record, IMAGE_KEYS, "image"), base, check)
-            yield [CaptionSample(image, c, source, split) for c in captions]
+            yield make(record, source, split)
         except _BadEntry as e:
             yield f"{source}: {e}"
+
+
+def _read_jsonl(path: Path, base: Path, check: Callable[[Path], str | None]) -> Iterator[_Entry]:
+    """Caption entries of a JSONL file: each line's captions of one image."""
+
+    def make(record: dict[str, Any], source: str, split: str | None) -> list[CaptionSample]:
+        captions = _captions(_one_of(record, TEXT_KEYS, "caption"))
+        image = _sample_image(_one_of(record, IMAGE_KEYS, "image"), base, check)
+        return [CaptionSample(image, c, source, split) for c in captions]
+
+    return read_jsonl(path, make)
 
 
 def _read_json(

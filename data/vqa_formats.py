@@ -37,14 +37,13 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data.formats import (
     IMAGE_KEYS,
-    MAX_LISTED_ERRORS,
     DataFormatError,
     SkipReport,
     _BadEntry,
@@ -54,6 +53,8 @@ from data.formats import (
     _read_text,
     _sample_image,
     _visible,
+    collect,
+    read_jsonl,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,33 +122,7 @@ def load_vqa_samples(
         raise DataFormatError(f"{path}: unknown dataset format; expected {ACCEPTED_FORMATS}")
     if annotations is not None and not vqa_v2:
         raise DataFormatError(f"{path}: annotations= applies to VQA v2 questions files only")
-    return _collect(path, entries, skip_bad_samples)
-
-
-def _collect(
-    path: Path, entries: Iterable[_Entry], skip_bad_samples: bool
-) -> tuple[list[VQASample], SkipReport]:
-    """The samples of entries; bad entries raise together, or are skipped, counted and logged."""
-    samples: list[VQASample] = []
-    errors: list[str] = []
-    for entry in entries:
-        (errors if isinstance(entry, str) else samples).append(entry)
-    report = SkipReport()
-    if errors and not skip_bad_samples:
-        listed = "\n  ".join(errors[:MAX_LISTED_ERRORS])
-        more = len(errors) - MAX_LISTED_ERRORS
-        listed += f"\n  ... and {more} more" if more > 0 else ""
-        raise DataFormatError(
-            f"{len(errors)} bad entries in {path} (skip_bad_samples=True skips them):\n  {listed}"
-        )
-    for message in errors:
-        report.add(message)
-    if report.count:
-        logger.warning("%s: %s", path, report.summary())
-    if not samples:
-        why = f"; {report.summary()}" if report.count else ""
-        raise DataFormatError(f"{path}: dataset has no samples{why}")
-    return samples, report
+    return collect(path, entries, skip_bad_samples)
 
 
 def _load_json(path: Path) -> Any:
@@ -189,27 +164,14 @@ def _question_answers(record: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
 
 
 def _read_jsonl(path: Path, base: Path, check: Callable[[Path], str | None]) -> Iterator[_Entry]:
-    """Entries of a JSONL file, one per non-blank line."""
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028, which would shift lines.
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{lineno}"
-        try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _BadEntry(f"invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise _BadEntry(f"expected a JSON object, got {type(record).__name__}")
-            question, answers = _question_answers(record)
-            split = record.get("split")
-            if split is not None and not isinstance(split, str):
-                raise _BadEntry(f"split must be a string, got {type(split).__name__}")
-            image = _sample_image(_one_of(record, IMAGE_KEYS, "image"), base, check)
-            yield VQASample(image, question, answers, source, split)
-        except _BadEntry as e:
-            yield f"{source}: {e}"
+    """VQA entries of a JSONL file, one question per line."""
+
+    def make(record: dict[str, Any], source: str, split: str | None) -> VQASample:
+        question, answers = _question_answers(record)
+        image = _sample_image(_one_of(record, IMAGE_KEYS, "image"), base, check)
+        return VQASample(image, question, answers, source, split)
+
+    return read_jsonl(path, make)
 
 
 def _read_per_image(

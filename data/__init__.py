@@ -1,0 +1,1 @@
+"""Synthetic image-caption data: procedural scenes and the dataset generator."""
