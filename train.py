@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="clip the adapter gradient norm to this (0 disables)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy smoothing")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                   help="autocast dtype: auto = fp16 + GradScaler on CUDA, bf16 on CPU")
+                   help="autocast dtype: auto = fp16 + GradScaler on CUDA, fp32 on CPU (bf16 "
+                        "autocast is slower than fp32 on CPUs without native bf16)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward to save memory (non-reentrant)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
@@ -167,7 +168,8 @@ def parse_patterns(items: list[str], kind: type) -> dict[str, Any]:
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether to use a GradScaler)."""
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "bf16"
+        # CPU bf16 autocast ran 8x slower than fp32 on a 2-core x86 without native bf16.
+        precision = "fp16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return dtype, dtype == torch.float16
 

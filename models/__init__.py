@@ -1,0 +1,1 @@
+"""Models: loading, captioning helpers and the tiny BLIP pretraining recipe."""
