@@ -51,13 +51,13 @@ def _make_hook(layers: list[LoRALinear]) -> Callable:
         (layer,) = layers
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + layer(args[0], module.training)
+            return layer(args[0], module.training, output)
 
         return hook
 
     def hook_many(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         for layer in layers:
-            output = output + layer(args[0], module.training)
+            output = layer(args[0], module.training, output)
         return output
 
     return hook_many

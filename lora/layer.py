@@ -48,12 +48,23 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
-    def forward(self, x: torch.Tensor, training: bool | None = None) -> torch.Tensor:
-        """(..., in) -> (..., out). Dropout runs when ``training`` (default: self.training);
-        the hook passes the base Linear's mode, so ``model.eval()`` alone turns it off."""
+    def forward(self, x: torch.Tensor, training: bool | None = None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., in) -> the delta (..., out), or ``base + delta`` when ``base`` is given.
+
+        Dropout runs when ``training`` (default: self.training); the hook passes the hooked
+        Linear's mode, so ``model.eval()`` alone turns it off. With ``base`` the scale and the
+        sum ride in one addmm (no separate elementwise passes over the (..., out) output).
+        """
         if self.dropout and (self.training if training is None else training):
             x = F.dropout(x, self.dropout)
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+        h = F.linear(x, self.A.to(x.dtype))  # (..., r)
+        b = self.B.to(h.dtype)
+        if base is None:
+            return F.linear(h, b) * self.scale
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, self.r), b.t(),
+                          alpha=self.scale)
+        return out.view(base.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) matrix ``scale · B A`` in fp32, as merged into the base weight."""

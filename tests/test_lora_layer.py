@@ -71,3 +71,14 @@ def test_computes_in_input_dtype_params_stay_fp32():
 def test_bad_hyperparameters_raise(kw):
     with pytest.raises(ValueError):
         LoRALinear(4, 4, **{"r": 2, "alpha": 4, **kw})
+
+
+def test_fused_base_plus_delta_matches_formula():
+    layer = _layer()
+    x, base = torch.randn(2, 3, 12), torch.randn(2, 3, 10)
+    expected = base + 2.0 * (x @ layer.A.T @ layer.B.T)
+    torch.testing.assert_close(layer(x, base=base), expected, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x, base=base.bfloat16())
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), expected, rtol=0.05, atol=0.05)
