@@ -31,7 +31,12 @@ from data.formats import load_image
 from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
 from lora.adapter_file import library_versions
 from models.captioning import normalize_caption
-from models.loading import DEFAULT_MODEL, load_model, pick_device
+from models.loading import (
+    DEFAULT_MODEL,
+    enable_activation_checkpointing,
+    load_model,
+    pick_device,
+)
 from models.tasks import Task, TaskDataset, make_task
 from training.accumulation import steps_per_epoch, windows
 from training.checkpoint import (
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         injection = inject_lora(model, lora_cfg)
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(model)
     params = injection.adapter_parameters("default")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     n_micro = -(-len(train_set) // args.batch_size)

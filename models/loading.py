@@ -66,6 +66,17 @@ def load_model(model_id: str, task: str | None = None, dtype: torch.dtype = torc
     return model, AutoProcessor.from_pretrained(model_id), task
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing: recompute each layer in backward.
+
+    transformers also hooks the input embeddings to require grad (for reentrant checkpointing
+    under PEFT); that hook crashes BLIP's text embeddings (in-place add on a leaf) and is not
+    needed without reentrancy, so it is removed again. Adapter grads are unchanged (tested).
+    """
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.disable_input_require_grads()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` -> cuda if available, else cpu."""
     if requested == "auto":

@@ -16,7 +16,7 @@ import infer
 import train
 from lora import LoRAConfig, inject_lora
 from models.blip_vqa import VQACollator, answer_logits, vqa_generate, vqa_loss_sum
-from models.loading import load_model
+from models.loading import enable_activation_checkpointing, load_model
 
 
 def _setup(tmp_path):
@@ -91,3 +91,24 @@ def test_caption_model_refuses_vqa(tmp_path):
         assert "not 'vqa'" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_gradient_checkpointing_same_adapter_grads(tmp_path):
+    _, model, processor, _, images = _setup(tmp_path)
+    collate = VQACollator(processor, model.config.text_config.bos_token_id)
+    batch = collate([(images[0], "what colour is the cube?", "red"),
+                     (images[1], "is it?", "no")])
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4))
+    randomize_adapters(inj)
+    model.train()
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            enable_activation_checkpointing(model)
+        vqa_loss_sum(model, batch)[0].backward()
+        grads.append([p.grad.clone() for p in inj.parameters()])
+        for p in inj.parameters():
+            p.grad = None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in grads[1])

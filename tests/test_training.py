@@ -162,3 +162,13 @@ def test_train_save_load_infer_round_trip(setup, tmp_path):
     from PIL import Image
     assert cap.caption([Image.open(p).convert("RGB") for p in images]) == [
         r["caption"] for r in base]
+
+
+def test_fp16_autocast_with_grad_scaler_runs(setup, tmp_path):
+    # The CUDA recipe (fp16 autocast + GradScaler) exercised on CPU: finite, trained adapters.
+    adapter = load_file(train.main(_args(setup, tmp_path / "r", "--epochs", "1",
+                                         "--precision", "fp16")))
+    config = json.loads((tmp_path / "r/run_config.json").read_text())
+    assert config["grad_scaler"] is True and config["amp_dtype"] == "torch.float16"
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
