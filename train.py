@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> Path:
                     continue
                 window_rng = rng_state()
                 micro = list(itertools.islice(loader, len(window)))
-                n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                n_tokens = sum(task.count_targets(b) for b in micro)
                 loss_total = 0.0
                 for batch in micro:  # each micro-batch weighs its share of the window's tokens
                     loss_sum, _ = forward_loss(task, model, batch, device, amp_dtype,

@@ -16,7 +16,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
     without it logits[:, t] predicts labels[:, t] (encoder-decoder decoders fed shifted input).
     """
     if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+        logits = logits[:, :-1]
+    targets = labels[:, 1:] if shift else labels
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum", label_smoothing=label_smoothing)
-    return loss, int((labels != IGNORE).sum())
+    return loss, count_targets(labels, shift)
+
+
+def count_targets(labels: torch.Tensor, shift: bool = True) -> int:
+    """Number of target tokens token_loss_sum averages over (known before the forward pass)."""
+    return int(((labels[:, 1:] if shift else labels) != IGNORE).sum())

@@ -21,10 +21,10 @@ from transformers import PreTrainedModel
 from data.formats import CaptionSample, load_caption_samples, load_image
 from data.vqa_formats import VQASample, load_vqa_samples
 
-from .blip2 import Blip2Collator, blip2_generate, blip2_loss_sum
+from .blip2 import Blip2Collator, blip2_generate, blip2_loss_sum, is_encoder_decoder
 from .blip_vqa import VQACollator, vqa_generate, vqa_loss_sum
 from .captioning import CaptionCollator, generate_captions, normalize_caption
-from .loss import token_loss_sum
+from .loss import count_targets, token_loss_sum
 
 Sample = CaptionSample | VQASample
 BLIP2_VQA_PROMPT = "Question: {} Answer:"
@@ -45,6 +45,11 @@ class Task:
     loss_sum: Callable[[PreTrainedModel, dict, float], tuple[torch.Tensor, int]]
     _predict: Callable[..., list[str]]
     prompt: str = ""
+    shifted_labels: bool = True  # logits[:, t] predicts labels[:, t + 1] (all but BLIP-2 T5)
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens in a batch, the denominator of exact accumulation."""
+        return count_targets(batch["labels"], self.shifted_labels)
 
     def load_samples(self, path: str | Path, skip_bad_samples: bool = False):
         """(samples, skip report) from any supported file format of this task."""
@@ -119,5 +124,6 @@ def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "
             prompts = prompt if qs is None else [fmt(q) for q in qs]
             return blip2_generate(model, processor, images, prompts, **kw)
 
-        return Task(task, family, collate, blip2_loss_sum, predict, prompt)
+        return Task(task, family, collate, blip2_loss_sum, predict, prompt,
+                    shifted_labels=not is_encoder_decoder(model))
     raise ValueError(f"task {task!r} is not supported for {type(model).__name__}")
