@@ -234,3 +234,18 @@ def test_train_py_and_infer_py_on_saved_blip2(tmp_path, family):
     merged = infer.main([image, "--adapter", str(vqa_adapter), "--merge", "--question",
                          "is the cube red?", "--max-new-tokens", "3"])
     assert hooked == merged and hooked[0]["question"] == "is the cube red?"
+
+
+@pytest.mark.parametrize("task_name", ["caption", "vqa"])
+def test_task_counts_the_tokens_its_loss_averages(setup, task_name):
+    # train.py divides each window by task.count_targets before any forward: it must agree
+    # with the loss (T5's labels are unshifted, OPT's shifted).
+    from models.tasks import make_task
+
+    _, model, processor, _ = setup
+    task = make_task(model, processor, task_name)
+    image = ITEMS[0][0]
+    items = ([(image, "a red cube"), (image, "no block")] if task_name == "caption"
+             else [(image, "what colour?", "red"), (image, "is it red?", "yes")])
+    batch = task.collate(items)
+    assert task.count_targets(batch) == task.loss_sum(model, batch, 0.0)[1]
