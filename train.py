@@ -4,8 +4,9 @@
     python train.py --model Salesforce/blip-image-captioning-large --r 16 --alpha 32 ...
 
 The loop reads top to bottom: AdamW over adapter parameters, linear warm-up then cosine decay
-per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA,
-bf16 on CPU), a validation loss each epoch, resumable checkpoints, a JSONL metrics log.
+per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA;
+fp32 on CPU unless --precision bf16), a validation loss each epoch, resumable checkpoints, a JSONL
+metrics log. --task vqa trains BLIP VQA (or prompted BLIP-2 VQA) the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adap
 from lora.adapter_file import library_versions
 from models.captioning import normalize_caption
 from models.loading import (
-    DEFAULT_MODEL,
+    DEFAULT_MODELS,
     enable_activation_checkpointing,
     load_model,
     pick_device,
@@ -71,9 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; every one has help and a sensible default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local directory of a BLIP checkpoint (default: the embedded "
-                        "tiny pretrained BLIP, a stand-in that runs anywhere)")
+    g.add_argument("--model", default=None,
+                   help="hub id or local directory of a BLIP / BLIP-2 checkpoint (default: the "
+                        "embedded tiny pretrained stand-in of the task: models/tiny_blip, or "
+                        "models/tiny_blip_vqa with --task vqa)")
     g.add_argument("--task", choices=["auto", "caption", "vqa"], default="auto",
                    help="what to train; auto reads it from the checkpoint's architecture "
                         "(BLIP-2 checkpoints do both: caption by default)")
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> Path:
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
 
+    args.model = args.model or DEFAULT_MODELS["vqa" if args.task == "vqa" else "caption"]
     model, processor, task_name = load_model(
         args.model, None if args.task == "auto" else args.task, dtype=DTYPES[args.base_dtype],
         device=device)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from lora import LoRAInjection, load_adapter, read_metadata
 
-from .loading import DEFAULT_MODEL, load_model, pick_device
+from .loading import DEFAULT_MODELS, load_model, pick_device
 from .tasks import make_task
 
 
@@ -36,9 +36,9 @@ class Pipeline:
     ) -> None:
         metas = [read_metadata(a) for a in adapters]
         # The base and task the adapters were trained for, unless the caller names them.
-        model = model or next((m["base_model"] for m in metas if m.get("base_model")),
-                              DEFAULT_MODEL)
+        model = model or next((m["base_model"] for m in metas if m.get("base_model")), None)
         task = task or next((m["task"] for m in metas if m.get("task")), None)
+        model = model or DEFAULT_MODELS[task or "caption"]
         self.model, self.processor, task = load_model(model, task, dtype=dtype,
                                                       device=pick_device(device))
         if prompt is None:

@@ -23,7 +23,9 @@ from transformers import (
 from .blip_vqa import restore_cross_attention_masks
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "models/tiny_blip"  # relative to the checkout, so adapter metadata stays portable
+# The embedded stand-ins per task, relative to the checkout so adapter metadata stays portable.
+DEFAULT_MODELS = {"caption": "models/tiny_blip", "vqa": "models/tiny_blip_vqa"}
+DEFAULT_MODEL = DEFAULT_MODELS["caption"]
 
 # config.architectures[0] -> (model class, tasks it can train; the first is the default).
 ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], tuple[str, ...]]] = {

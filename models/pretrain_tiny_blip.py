@@ -33,6 +33,7 @@ from transformers import (
     BlipConfig,
     BlipForConditionalGeneration,
     BlipImageProcessor,
+    BlipPreTrainedModel,
     BlipProcessor,
     BlipTextConfig,
     BlipVisionConfig,
@@ -95,9 +96,11 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 
 def build_model(
-    tok: BertTokenizer, image_size: int, hidden: int, layers: int
-) -> BlipForConditionalGeneration:
-    """A tiny BLIP captioner whose special ids match the tokenizer (generate relies on them)."""
+    tok: BertTokenizer, image_size: int, hidden: int, layers: int,
+    model_cls: type[BlipPreTrainedModel] = BlipForConditionalGeneration,
+) -> BlipPreTrainedModel:
+    """A tiny BLIP (captioner, or ``model_cls``) whose special ids match the tokenizer (generate
+    relies on them). Vision and text share one width, as BlipForQuestionAnswering requires."""
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in
            [("bos", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]")]}
     vision = BlipVisionConfig(
@@ -118,7 +121,7 @@ def build_model(
                         projection_dim=hidden, initializer_range=0.02)
     config.pad_token_id, config.bos_token_id = ids["pad"], ids["bos"]
     config.eos_token_id = ids["sep"]
-    model = BlipForConditionalGeneration(config)
+    model = model_cls(config)
     # Start patch positions at a 2D sin-cos code (as MAE does) instead of noise, so patch tokens
     # carry a usable "where" from step 0: the captions are all about where things are.
     pos = model.vision_model.embeddings.position_embedding  # (1, 1 + grid**2, hidden)
