@@ -273,23 +273,29 @@ Load with `BlipForConditionalGeneration.from_pretrained(dir)` and
     (out / "README.md").write_text(text, encoding="utf-8")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("models/tiny_blip"),
-                   help="output directory (default models/tiny_blip)")
+def add_recipe_args(p: argparse.ArgumentParser, n_eval: int, steps: int, threads: int) -> None:
+    """The flags every tiny-model recipe shares (defaults differ per recipe)."""
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling")
     p.add_argument("--n-train", type=int, default=6000, help="shape scenes to train on")
-    p.add_argument("--n-eval", type=int, default=500, help="fresh held-out shape scenes to score")
-    p.add_argument("--steps", type=int, default=3600, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--n-eval", type=int, default=n_eval,
+                   help="fresh held-out shape scenes to score")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of vision and text")
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads (results can differ in the last bits across counts)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("models/tiny_blip"),
+                   help="output directory (default models/tiny_blip)")
+    add_recipe_args(p, n_eval=500, steps=3600, threads=2)
     p.add_argument("--layers", type=int, default=2, help="layers in vision and in text")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (results can differ in the last bits across counts)")
     p.add_argument("--cube-annotations", type=Path, default=Path("annotations_test.jsonl"),
                    help="cube test split to score the saved model on ('' to skip)")
     args = p.parse_args()

@@ -43,7 +43,13 @@ from data.vqa_formats import load_vqa_samples
 from models.blip_vqa import VQACollator, restore_cross_attention_masks, vqa_generate, vqa_loss_sum
 from models.captioning import normalize_caption
 from models.loading import load_model
-from models.pretrain_tiny_blip import build_model, build_tokenizer, exact_match, lr_at
+from models.pretrain_tiny_blip import (
+    add_recipe_args,
+    build_model,
+    build_tokenizer,
+    exact_match,
+    lr_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -271,22 +277,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/tiny_blip_vqa"),
                    help="output directory (default models/tiny_blip_vqa)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling")
-    p.add_argument("--n-train", type=int, default=6000, help="shape scenes to train on")
-    p.add_argument("--n-eval", type=int, default=300, help="fresh held-out shape scenes to score")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of vision and text")
+    add_recipe_args(p, n_eval=300, steps=3000, threads=1)
     p.add_argument("--layers", type=int, default=2,
                    help="layers in vision, in the question encoder and in the answer decoder")
     p.add_argument("--init-from", type=Path, default=Path("models/tiny_blip"),
                    help="tiny BLIP captioner to start from (its vocabulary is kept and extended); "
                         "'' for random init and a fresh vocabulary")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (results can differ in the last bits across counts)")
     p.add_argument("--cube-questions", type=Path, default=Path("vqa_test.jsonl"),
                    help="cube VQA test set to score the saved base model on ('' to skip)")
     args = p.parse_args()
