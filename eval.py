@@ -1,0 +1,104 @@
+"""Score the base model and one or more adapters on the same test set, side by side.
+
+    python eval.py --adapter runs/caption-lora/adapter.safetensors
+    python eval.py --task vqa --adapter runs/vqa-lora/adapter.safetensors --eval-file my.jsonl
+
+Captions: BLEU-1..4, ROUGE-L, CIDEr-D (COCO caption toolkit definitions) and exact match; VQA:
+exact match, token F1 and, where every question has 10 answers, the official VQA accuracy.
+Prints a table (per metric: base, each adapter, its delta) and writes it as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.formats import load_image
+from evaluation import caption_scores, exact_match, vqa_scores
+from models.api import Pipeline
+from train import DEFAULT_DATA, ROOT, HelpFormatter
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--adapter", action="append", default=[],
+                   help="adapter file to compare with the base (repeatable)")
+    p.add_argument("--model", default=None, help="base model (default: the adapters' base)")
+    p.add_argument("--task", choices=["caption", "vqa"], default=None,
+                   help="default: the adapters' task")
+    p.add_argument("--eval-file", default=None, help="test data (default: the shipped test set)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width")
+    p.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
+    p.add_argument("--out-dir", default="runs/eval", help="where eval.json and eval.md go")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    return p.parse_args(argv)
+
+
+def predict_all(pipe: Pipeline, units: list, args: argparse.Namespace, desc: str) -> list[str]:
+    """One prediction per evaluation unit (image, or image + question)."""
+    preds = []
+    for i in tqdm(range(0, len(units), args.batch_size), desc=desc, leave=False):
+        chunk = [s for s, _ in units[i : i + args.batch_size]]
+        images = [load_image(s.image) for s in chunk]
+        questions = [s.question for s in chunk] if pipe.task.name == "vqa" else None
+        preds += pipe.task.predict(images, questions, num_beams=args.num_beams)
+    return preds
+
+
+def score(task_name: str, samples: list, units: list, preds: list[str]) -> dict[str, float]:
+    """The task's metrics for predictions on ``units``."""
+    if task_name == "vqa":
+        return vqa_scores(preds, [list(s.answers) for s, _ in units])
+    refs: dict[str, list[str]] = {}
+    for s in samples:
+        refs.setdefault(str(s.image), []).append(s.text)
+    cands = {str(s.image): p for (s, _), p in zip(units, preds, strict=True)}
+    return {**caption_scores(cands, refs), "exact_match": exact_match(cands, refs)}
+
+
+def markdown(table: dict[str, dict[str, float]]) -> str:
+    """Metric rows; a column per system, and a delta column per adapter."""
+    systems = list(table)
+    metrics = list(table["base"])
+    head = ["metric", *systems, *(f"Δ {s}" for s in systems[1:])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in metrics:
+        row = [f"{table[s][m]:.4f}" for s in systems]
+        row += [f"{table[s][m] - table['base'][m]:+.4f}" for s in systems[1:]]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate base and adapters; returns {system: {metric: value}}."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = Pipeline(args.model, args.adapter, task=args.task)
+    eval_file = args.eval_file or str(ROOT / DEFAULT_DATA[pipe.task.name][1])
+    samples = pipe.task.load_samples(eval_file)[0]
+    units = pipe.task.eval_units(samples)
+    names = list(pipe.injection.adapters) if pipe.injection else []
+    table = {}
+    for system, active in [("base", []), *((n, [n]) for n in names)]:
+        if pipe.injection:
+            pipe.injection.set_active(active)
+        table[system] = score(pipe.task.name, samples, units, predict_all(pipe, units, args,
+                                                                          system))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"eval_file": eval_file, "scores": table},
+                                              indent=2) + "\n")
+    (out / "eval.md").write_text(markdown(table))
+    print(markdown(table), end="")
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
