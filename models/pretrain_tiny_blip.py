@@ -289,6 +289,16 @@ def add_recipe_args(p: argparse.ArgumentParser, n_eval: int, steps: int, threads
                    help="torch CPU threads (results can differ in the last bits across counts)")
 
 
+def start_recipe(args: argparse.Namespace) -> None:
+    """Logging, threads and every seed a recipe draws from."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    transformers.logging.set_verbosity_error()  # the torchvision-fallback warning is noise here
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/tiny_blip"),
@@ -299,12 +309,7 @@ def main() -> None:
     p.add_argument("--cube-annotations", type=Path, default=Path("annotations_test.jsonl"),
                    help="cube test split to score the saved model on ('' to skip)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    transformers.logging.set_verbosity_error()  # the torchvision-fallback warning is noise here
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    start_recipe(args)
     t0 = time.time()
 
     task_words = ["a", "an", "lone", "empty", "canvas", *COLOURS, *SHAPES,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -49,6 +48,7 @@ from models.pretrain_tiny_blip import (
     build_tokenizer,
     exact_match,
     lr_at,
+    start_recipe,
 )
 
 log = logging.getLogger(__name__)
@@ -286,12 +286,7 @@ def main() -> None:
     p.add_argument("--cube-questions", type=Path, default=Path("vqa_test.jsonl"),
                    help="cube VQA test set to score the saved base model on ('' to skip)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    transformers.logging.set_verbosity_error()  # the torchvision-fallback warning is noise here
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    start_recipe(args)
     t0 = time.time()
 
     init = args.init_from if str(args.init_from) else None
