@@ -5,7 +5,9 @@
 
 Captions: BLEU-1..4, ROUGE-L, CIDEr-D (COCO caption toolkit definitions) and exact match; VQA:
 exact match, token F1 and, where every question has 10 answers, the official VQA accuracy.
-Prints a table (per metric: base, each adapter, its delta) and writes it as JSON and Markdown.
+Prints a table (per metric: base, each adapter, its delta) and writes it as JSON and Markdown,
+plus report.html (each test image with references and every system's output, grouped by
+right/wrong) and contact_sheet.png.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tqdm import tqdm
 
 from data.formats import load_image
 from evaluation import caption_scores, exact_match, vqa_scores
+from evaluation.report import Row, write_contact_sheet, write_html
 from models.api import Pipeline
+from models.captioning import normalize_caption
 from train import DEFAULT_DATA, ROOT, HelpFormatter
 
 
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
     p.add_argument("--out-dir", default="runs/eval", help="where eval.json and eval.md go")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write report.html (images embedded) and contact_sheet.png")
     return p.parse_args(argv)
 
 
@@ -62,6 +68,22 @@ def score(task_name: str, samples: list, units: list, preds: list[str]) -> dict[
     return {**caption_scores(cands, refs), "exact_match": exact_match(cands, refs)}
 
 
+def report_rows(task_name: str, samples: list, units: list,
+                outputs: dict[str, list[str]]) -> list[Row]:
+    """One report row per evaluation unit, with every system's output and verdict."""
+    refs: dict[Path, list[str]] = {}
+    for s in samples:
+        if task_name == "caption":
+            refs.setdefault(s.image, []).append(s.text)
+    rows = []
+    for i, (sample, accepted) in enumerate(units):
+        references = list(sample.answers) if task_name == "vqa" else refs[sample.image]
+        rows.append(Row(sample.image, sample.question if task_name == "vqa" else "", references,
+                        {sys_: (preds[i], normalize_caption(preds[i]) in accepted)
+                         for sys_, preds in outputs.items()}))
+    return rows
+
+
 def markdown(table: dict[str, dict[str, float]]) -> str:
     """Metric rows; a column per system, and a delta column per adapter."""
     systems = list(table)
@@ -85,14 +107,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     samples = pipe.task.load_samples(eval_file)[0]
     units = pipe.task.eval_units(samples)
     names = list(pipe.injection.adapters) if pipe.injection else []
-    table = {}
+    table, outputs = {}, {}
     for system, active in [("base", []), *((n, [n]) for n in names)]:
         if pipe.injection:
             pipe.injection.set_active(active)
-        table[system] = score(pipe.task.name, samples, units, predict_all(pipe, units, args,
-                                                                          system))
+        outputs[system] = predict_all(pipe, units, args, system)
+        table[system] = score(pipe.task.name, samples, units, outputs[system])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        rows = report_rows(pipe.task.name, samples, units, outputs)
+        write_html(rows, out / "report.html", f"{Path(eval_file).name}: base vs adapters")
+        write_contact_sheet(rows, out / "contact_sheet.png")
     (out / "eval.json").write_text(json.dumps({"eval_file": eval_file, "scores": table},
                                               indent=2) + "\n")
     (out / "eval.md").write_text(markdown(table))
