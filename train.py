@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data.dataset import split_by_image
 from data.formats import load_image
+from evaluation.curves import plot_curves
 from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
 from lora.adapter_file import library_versions
 from models.captioning import normalize_caption
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> Path:
     bar.close()
 
     final = save_adapter(injection, out_dir / ADAPTER, base_model=args.model, extra=adapter_meta)
+    plot_curves(out_dir / "metrics.jsonl")
     log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0, final)
     if args.eval_file.lower() != "none":
         report_exact_match(task, injection, args, amp_dtype, device, out_dir)

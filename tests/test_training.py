@@ -136,6 +136,13 @@ def test_outputs_and_refusals(setup, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2]
     assert (out / "best.safetensors").exists() and adapter == out / "adapter.safetensors"
+    from PIL import Image
+
+    from evaluation.curves import PANEL_H, WIDTH, read_metrics
+    assert Image.open(out / "curves.png").size == (WIDTH, 2 * PANEL_H)
+    curves = read_metrics(out / "metrics.jsonl")
+    assert [s for s, _ in curves["loss"]] == [1, 2] and len(curves["val_loss"]) == 1
+    assert [v for _, v in curves["lr"]] == [x["lr"] for x in lines if "lr" in x]
     with pytest.raises(SystemExit, match="not empty"):
         train.main(_args(setup, out))
     with pytest.raises(SystemExit, match="settings differ"):
