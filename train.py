@@ -231,7 +231,9 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autoc
 
 def forward_loss(task: Task, model, batch: dict, device, amp_dtype, label_smoothing: float):
     """(summed token loss, token count) of one micro-batch under autocast."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # Float inputs (pixels) follow the base's dtype, so an fp16 base also runs without autocast.
+    batch = {k: v.to(device, model.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+             for k, v in batch.items()}
     with autocast(device, amp_dtype):
         return task.loss_sum(model, batch, label_smoothing)
 

@@ -179,3 +179,11 @@ def test_fp16_autocast_with_grad_scaler_runs(setup, tmp_path):
     assert config["grad_scaler"] is True and config["amp_dtype"] == "torch.float16"
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def test_half_precision_base_trains_fp32_adapters(setup, tmp_path):
+    # --base-dtype halves the frozen weights; adapters (and their file) stay fp32.
+    adapter = load_file(train.main(_args(setup, tmp_path / "r", "--epochs", "1",
+                                         "--base-dtype", "bf16", "--precision", "fp32")))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
