@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from data.formats import load_image
 from evaluation import caption_scores, exact_match, vqa_scores
 from evaluation.report import Row, write_contact_sheet, write_html
 from models.api import Pipeline
@@ -44,17 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="also write report.html (images embedded) and contact_sheet.png")
     return p.parse_args(argv)
-
-
-def predict_all(pipe: Pipeline, units: list, args: argparse.Namespace, desc: str) -> list[str]:
-    """One prediction per evaluation unit (image, or image + question)."""
-    preds = []
-    for i in tqdm(range(0, len(units), args.batch_size), desc=desc, leave=False):
-        chunk = [s for s, _ in units[i : i + args.batch_size]]
-        images = [load_image(s.image) for s in chunk]
-        questions = [s.question for s in chunk] if pipe.task.name == "vqa" else None
-        preds += pipe.task.predict(images, questions, num_beams=args.num_beams)
-    return preds
 
 
 def score(task_name: str, samples: list, units: list, preds: list[str]) -> dict[str, float]:
@@ -111,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for system, active in [("base", []), *((n, [n]) for n in names)]:
         if pipe.injection:
             pipe.injection.set_active(active)
-        outputs[system] = predict_all(pipe, units, args, system)
+        outputs[system] = pipe.task.predict_units(units, args.batch_size, desc=system,
+                                                  num_beams=args.num_beams)
         table[system] = score(pipe.task.name, samples, units, outputs[system])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

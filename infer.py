@@ -24,12 +24,9 @@ from tqdm import tqdm
 
 from data.formats import load_image
 from models.api import Pipeline
+from train import HelpFormatter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag's help; the description keeps its line breaks."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import split_by_image
-from data.formats import load_image
 from evaluation.curves import plot_curves
 from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
 from lora.adapter_file import library_versions
@@ -253,18 +252,15 @@ def validation_loss(task: Task, model, loader, device, amp_dtype) -> float:
 def exact_match_report(task: Task, samples, args, amp_dtype, device) -> dict[str, float]:
     """Exact-match accuracy (normalised text) overall and per ``split`` field."""
     units = task.eval_units(samples)
+    with autocast(device, amp_dtype):
+        preds = task.predict_units(units, args.eval_batch_size, desc="eval",
+                                   num_beams=args.num_beams)
     hits: dict[str, list[bool]] = {}
-    for i in tqdm(range(0, len(units), args.eval_batch_size), desc="eval", leave=False):
-        chunk = units[i : i + args.eval_batch_size]
-        images = [load_image(s.image) for s, _ in chunk]
-        questions = [s.question for s, _ in chunk] if task.name == "vqa" else None
-        with autocast(device, amp_dtype):
-            preds = task.predict(images, questions, num_beams=args.num_beams)
-        for (sample, refs), pred in zip(chunk, preds, strict=True):
-            ok = normalize_caption(pred) in refs
-            hits.setdefault("all", []).append(ok)
-            if sample.split:
-                hits.setdefault(sample.split, []).append(ok)
+    for (sample, refs), pred in zip(units, preds, strict=True):
+        ok = normalize_caption(pred) in refs
+        hits.setdefault("all", []).append(ok)
+        if sample.split:
+            hits.setdefault(sample.split, []).append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 

@@ -24,6 +24,8 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from models.captioning import normalize_caption  # the one exact-match form
+
 # ptbtokenizer.py's PUNCTUATIONS. Its bracket entries are upper-case but the tokenizer runs with
 # -lowerCase first, so "(" → "-lrb-" is never matched and survives as a token; kept that way.
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -217,17 +219,11 @@ def caption_scores(candidates: Mapping[Hashable, str],
     return scores
 
 
-def _normalise_caption(text: str) -> str:
-    """Lower-case, collapse whitespace, drop one trailing period."""
-    text = " ".join(text.lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
 def exact_match(candidates: Mapping[Hashable, str],
                 references: Mapping[Hashable, Sequence[str]]) -> float:
     """Fraction of ids whose normalised candidate equals any of its normalised references."""
     if candidates.keys() != references.keys():
         raise ValueError("candidates and references must have the same ids")
-    hits = [_normalise_caption(candidates[i]) in {_normalise_caption(r) for r in references[i]}
+    hits = [normalize_caption(candidates[i]) in {normalize_caption(r) for r in references[i]}
             for i in candidates]
     return sum(hits) / len(hits)

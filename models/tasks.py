@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from data.formats import CaptionSample, load_caption_samples, load_image
@@ -68,6 +69,17 @@ class Task:
         if (self.name == "vqa") != (questions is not None):
             raise ValueError(f"task {self.name!r}: questions must be given exactly for VQA")
         return self._predict(images, questions, **generate_kwargs)
+
+    def predict_units(self, units: Sequence[tuple[Sample, set[str]]], batch_size: int,
+                      desc: str = "predict", **generate_kwargs: Any) -> list[str]:
+        """One prediction per evaluation unit, ``batch_size`` images per generate call."""
+        preds: list[str] = []
+        for i in tqdm(range(0, len(units), batch_size), desc=desc, leave=False):
+            chunk = [s for s, _ in units[i : i + batch_size]]
+            questions = [s.question for s in chunk] if self.name == "vqa" else None
+            preds += self.predict([load_image(s.image) for s in chunk], questions,
+                                  **generate_kwargs)
+        return preds
 
     def eval_units(self, samples: Sequence[Sample]) -> list[tuple[Sample, set[str]]]:
         """(sample to predict for, accepted normalised answers): per image for captions (any of
