@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data.formats import load_image
+from lora import QUANT_MODES
 from models.api import Pipeline
 from train import HelpFormatter
 
@@ -39,7 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", action="append", default=[],
                    help="adapter .safetensors file (repeatable: their deltas add up)")
     p.add_argument("--merge", action="store_true",
-                   help="merge adapters into the weights (no per-layer hook cost)")
+                   help="merge adapters into the weights (no per-layer hook cost); with "
+                        "--quantize the merge happens in full precision, then W + BA is quantized")
+    p.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="store the base's Linear weights as int8 or NF4 (dequantized on the fly; "
+                        "adapters hook on top unless --merge)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="NF4 only: also quantize the per-block scales")
     p.add_argument("--question", action="append", default=None,
                    help="answer this question about every image (repeatable; VQA models and "
                         "BLIP-2)")
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = find_images(args.inputs)
     task = args.task or ("vqa" if args.question else None)
     pipe = Pipeline(args.model, args.adapter, merge=args.merge, task=task, device=args.device,
-                    dtype=torch.float16 if args.fp16 else torch.float32, prompt=args.prompt)
+                    dtype=torch.float16 if args.fp16 else torch.float32, prompt=args.prompt,
+                    quantize=args.quantize, double_quant=args.double_quant)
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                do_sample=args.do_sample, top_p=args.top_p, temperature=args.temperature)
     # One query per (image, question) pair, or per image when captioning.

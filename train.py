@@ -29,7 +29,16 @@ from tqdm import tqdm
 
 from data.dataset import split_by_image
 from evaluation.curves import plot_curves
-from lora import LoRAConfig, LoRAInjection, inject_lora, load_adapter, save_adapter
+from lora import (
+    QUANT_MODES,
+    LoRAConfig,
+    LoRAInjection,
+    frozen_weight_bytes,
+    inject_lora,
+    load_adapter,
+    quantize_model,
+    save_adapter,
+)
 from lora.adapter_file import library_versions
 from models.captioning import normalize_caption
 from models.loading import (
@@ -61,7 +70,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESUME_KEYS = ("model", "task", "train_file", "val_file", "val_fraction", "r", "alpha", "dropout",
                "rslora", "targets", "rank_pattern", "alpha_pattern", "epochs", "batch_size",
                "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
-               "seed", "prompt", "label_smoothing", "base_dtype")
+               "seed", "prompt", "label_smoothing", "base_dtype", "quantize", "double_quant")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -82,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32",
                    help="dtype of the frozen base weights (fp16/bf16 halve their memory on a "
                         "GPU; adapters always stay fp32)")
+    g.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="store the frozen base's Linear weights as int8 (per-row absmax) or NF4 "
+                        "(QLoRA, blocks of 64); dequantized on the fly, adapters stay fp32. The "
+                        "LM head / tied output layer stays in --base-dtype")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="NF4 only: also quantize the per-block scales (8 instead of 32 bits "
+                        "per 64 weights)")
     g.add_argument("--train-file", default=None,
                    help="training data (default: the shipped set of the task). Captions: "
                         ".jsonl, captions .json, COCO .json or caption/+Image/ dir; VQA: .jsonl, "
@@ -278,6 +294,9 @@ def main(argv: list[str] | None = None) -> Path:
     model, processor, task_name = load_model(
         args.model, None if args.task == "auto" else args.task, dtype=DTYPES[args.base_dtype],
         device=device)
+    if quantized := quantize_model(model, args.quantize, args.double_quant):
+        log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", args.model,
+                 len(quantized), args.quantize, frozen_weight_bytes(model)["total"] / 1e6)
     task = make_task(model, processor, task_name, prompt=args.prompt, max_length=args.max_length)
     train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
     args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file
@@ -341,7 +360,8 @@ def main(argv: list[str] | None = None) -> Path:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", resume_dir, pos.step, pos.epoch)
     (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    adapter_meta = {"base_model": args.model, "task": task_name, "prompt": args.prompt}
+    adapter_meta = {"base_model": args.model, "task": task_name, "prompt": args.prompt,
+                    "trained_on_quantization": args.quantize}
     log.info("%s | %d train / %d val samples | global batch %d | %d optimizer steps | %s",
              injection.describe(), len(train_samples), len(val_samples),
              run_config["global_batch"], total_steps, f"autocast {amp_dtype}")

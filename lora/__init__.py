@@ -13,18 +13,23 @@ from .config import LoRAConfig
 from .injection import LoRAInjection, inject_lora
 from .layer import LoRALinear
 from .peft_format import load_peft, save_peft
+from .quantized_linear import QUANT_MODES, QuantizedLinear, frozen_weight_bytes, quantize_model
 from .targets import PRESETS, select_targets
 
 __all__ = [
     "PRESETS",
+    "QUANT_MODES",
     "AdapterFileError",
     "LoRAConfig",
     "LoRAInjection",
     "LoRALinear",
+    "QuantizedLinear",
     "base_fingerprint",
+    "frozen_weight_bytes",
     "inject_lora",
     "load_adapter",
     "load_peft",
+    "quantize_model",
     "read_metadata",
     "save_adapter",
     "save_peft",

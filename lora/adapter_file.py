@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from torch import nn
 
 from .config import LoRAConfig
 from .injection import AdapterSpec, LoRAInjection
+from .quantized_linear import QuantizedLinear
+from .targets import LINEAR_TYPES
 
 FORMAT_VERSION = "1"
 log = logging.getLogger(__name__)
@@ -33,11 +35,27 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be loaded into this model; the message names file and key."""
 
 
+def _logical_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each parameter, a quantized Linear's weight as its (out, in) matrix."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, QuantizedLinear):  # its weight became buffers; name it as before
+            yield f"{dot}weight", (module.out_features, module.in_features)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:  # tied weights count once, as in named_parameters()
+                seen.add(id(p))
+                yield f"{dot}{name}", tuple(p.shape)
+
+
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the model class and each parameter's name and shape: same architecture, same hash."""
+    """Hash of the model class and each parameter's name and shape: same architecture, same hash.
+
+    Quantizing the base does not change it, so adapters move between int8/NF4/full bases.
+    """
     h = hashlib.sha256(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)};".encode())
+    for name, shape in _logical_shapes(model):
+        h.update(f"{name}:{shape};".encode())
     return h.hexdigest()[:16]
 
 
@@ -126,9 +144,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of ``model`` by path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear (quantized or not) of ``model`` by path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
 def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,

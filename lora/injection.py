@@ -15,7 +15,8 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
 from .layer import LoRALinear
-from .targets import first_match, select_targets
+from .quantized_linear import QuantizedLinear
+from .targets import LINEAR_TYPES, first_match, select_targets
 
 # module path -> (r, alpha): the resolved shape of one adapter.
 AdapterSpec = dict[str, tuple[int, float]]
@@ -44,6 +45,10 @@ class AdapterSet(nn.Module):
     def items(self) -> Iterator[tuple[str, LoRALinear]]:
         """(module path, LoRALinear) pairs in model order."""
         return zip(self.paths, self.layers.values(), strict=True)  # type: ignore[return-value]
+
+
+def _device(linear: nn.Module) -> torch.device:
+    return linear.weight.device if isinstance(linear, nn.Linear) else linear.device
 
 
 def _make_hook(layers: list[LoRALinear]) -> Callable:
@@ -77,7 +82,7 @@ class LoRAInjection(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
-        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
         self._hooks: dict[str, RemovableHandle] = {}
         self._backups: dict[str, torch.Tensor] = {}  # pre-merge weights, for exact unmerge
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -109,7 +114,7 @@ class LoRAInjection(nn.Module):
             if base is None:
                 raise KeyError(f"{path!r} is not an nn.Linear of {type(self.model).__name__}")
             layer = LoRALinear(base.in_features, base.out_features, r, alpha, config.dropout,
-                               config.rslora, device=base.weight.device)
+                               config.rslora, device=_device(base))
             if state is not None:
                 with torch.no_grad():
                     layer.A.copy_(state[f"{path}.lora_A.weight"])
@@ -174,9 +179,11 @@ class LoRAInjection(nn.Module):
         ``exact_unmerge`` the first merge into a Linear keeps a copy of its weight, which
         unmerge restores bit-exactly; without it unmerge subtracts (exact up to rounding).
         """
-        for name in list(self.active if names is None else names):
-            if name in self.merged:
-                continue
+        names = [n for n in dict.fromkeys(self.active if names is None else names)
+                 if n not in self.merged]
+        for name in names:
+            self._refuse_quantized(name)
+        for name in names:
             for path, layer in self._get(name).items():
                 weight = self._linears[path].weight
                 if exact_unmerge and not self._merged_into(path):
@@ -199,6 +206,16 @@ class LoRAInjection(nn.Module):
                 else:
                     weight.copy_(weight.float() - layer.delta_weight())
         self._refresh_hooks()
+
+    def _refuse_quantized(self, name: str) -> None:
+        """Merging into int8/NF4 would round W + BA a second time: refuse, say what to do."""
+        quantized = [p for p in self._get(name).paths
+                     if isinstance(self._linears[p], QuantizedLinear)]
+        if quantized:
+            raise RuntimeError(
+                f"cannot merge adapter {name!r} into a quantized base ({len(quantized)} "
+                f"quantized Linears, e.g. {quantized[0]}): load the base unquantized, merge, "
+                "then quantize the merged model if needed (infer.py --merge --quantize does this)")
 
     def _merged_into(self, path: str) -> bool:
         return any(path in self._get(n).paths for n in self.merged)

@@ -5,7 +5,8 @@ A target is one of
   * ``re:<regex>``: the regex must match the whole module path;
   * anything else: a module-path suffix on dot boundaries (``query`` matches
     ``...attention.self.query``; ``attention.output.dense`` does not match ``output.dense``).
-Only nn.Linear modules are candidates. A target that matches nothing is an error.
+Only nn.Linear modules (and their QuantizedLinear stand-ins) are candidates. A target that
+matches nothing is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 from torch import nn
+
+from .quantized_linear import QuantizedLinear
 
 _LAYER = r"\.\d+\."
 # Full-match regexes, spelled out per model family (names checked on transformers 5.23).
@@ -53,9 +56,13 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+# What an adapter can hook: a plain Linear, or one whose frozen weight is quantized.
+LINEAR_TYPES = (nn.Linear, QuantizedLinear)
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """Paths of every nn.Linear in ``model``, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Paths of every nn.Linear (quantized or not) in ``model``, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
 
 
 def candidate_summary(names: Iterable[str]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lora import LoRAInjection, load_adapter, read_metadata
+from lora import LoRAInjection, load_adapter, quantize_model, read_metadata
 
 from .loading import DEFAULT_MODELS, load_model, pick_device
 from .tasks import make_task
@@ -33,6 +33,8 @@ class Pipeline:
         device: str = "auto",
         dtype: torch.dtype = torch.float32,
         prompt: str | None = None,
+        quantize: str = "none",
+        double_quant: bool = True,
     ) -> None:
         metas = [read_metadata(a) for a in adapters]
         # The base and task the adapters were trained for, unless the caller names them.
@@ -45,11 +47,15 @@ class Pipeline:
             prompt = next((m["prompt"] for m in metas if m.get("prompt")), "")
         self.task = make_task(self.model, self.processor, task, prompt=prompt)
         self.injection: LoRAInjection | None = None
+        merge = merge and bool(adapters)
+        if not merge:  # adapters hook on top of the quantized Linears (QLoRA)
+            quantize_model(self.model, quantize, double_quant)
         for i, path in enumerate(adapters):  # distinct names: two runs' files share a stem
             self.injection = load_adapter(self.injection or self.model, path,
                                           name=f"{i}-{Path(path).stem}")
-        if merge and self.injection is not None:
+        if merge:  # W + scale·BA in full precision first, then one quantization of the sum
             self.injection.merge(exact_unmerge=False)  # inference only: no backup copy needed
+            quantize_model(self.model, quantize, double_quant)
 
     def caption(self, images: Sequence[Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per PIL image (one generate call: batch large lists yourself)."""

@@ -1,0 +1,132 @@
+"""Weight-only quantization formats in pure torch: int8 rows and NF4 blocks (QLoRA).
+
+int8: each output row r of W (out, in) keeps ``q = round(W / s_r)`` in [-127, 127] with
+``s_r = absmax(W_r) / 127``; the rounding error is at most ``s_r / 2 = absmax_r / 254``.
+
+NF4 (Dettmers et al., 2023, arXiv:2305.14314): the flattened weight is cut into blocks of 64
+consecutive values; each block is divided by its absmax and every value is replaced by the
+index of the nearest of 16 NormalFloat codes in [-1, 1]; two 4-bit indices share a byte (the
+first in the high nibble). With double quantization the fp32 block absmaxes are themselves
+quantized: their mean is subtracted and the centred values are stored as int8 with one fp32
+scale per 256 of them (the paper uses 8-bit floats here; int8 costs the same 8 bits per block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The 16 NF4 code values, as printed in QLoRA's Appendix E (and bitsandbytes' table).
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+NF4_BLOCK = 64
+ABSMAX_BLOCK = 256  # double quantization: absmaxes per second-level scale
+INT8_MAX = 127
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """All-zero rows/blocks get scale 1 so they quantize to code 0 instead of NaN."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+# --- int8 -----------------------------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), per-row fp32 scale (out,)) with W ≈ q · scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / INT8_MAX
+    q = torch.round(w / _safe(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``."""
+    return (q.to(dtype) * scale.to(dtype)[:, None])
+
+
+# --- packing --------------------------------------------------------------------------------
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit indices (even length, values 0..15) -> uint8, first of each pair high."""
+    idx = idx.to(torch.uint8)
+    return (idx[0::2] << 4) | idx[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 (n,) -> int64 indices (2n,)."""
+    return torch.stack((packed >> 4, packed & 0x0F), dim=-1).flatten().long()
+
+
+# --- NF4 ------------------------------------------------------------------------------------
+@dataclass
+class NF4Weight:
+    """A packed NF4 weight: everything needed to rebuild the (out, in) matrix."""
+
+    packed: torch.Tensor  # uint8 (padded numel / 2,)
+    absmax: torch.Tensor  # fp32 (blocks,), or int8 codes of the centred absmax (double quant)
+    absmax_scale: torch.Tensor | None  # fp32 (ceil(blocks / 256),) with double quant
+    absmax_mean: torch.Tensor | None  # fp32 scalar with double quant
+    shape: tuple[int, int]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (for buffers and byte counts)."""
+        out = {"packed": self.packed, "absmax": self.absmax}
+        if self.absmax_scale is not None:
+            out |= {"absmax_scale": self.absmax_scale, "absmax_mean": self.absmax_mean}
+        return out
+
+
+def nf4_indices(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 code for each value of ``blocks / absmax`` (blocks, 64)."""
+    code = NF4_CODE.to(blocks.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(blocks / _safe(absmax)[:, None], midpoints)
+
+
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization: (int8 codes, fp32 scale per 256, fp32 mean) of the block absmaxes."""
+    mean = absmax.mean()
+    centred = absmax - mean
+    pad = (-centred.numel()) % ABSMAX_BLOCK
+    groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, ABSMAX_BLOCK)
+    scale = groups.abs().amax(dim=1) / INT8_MAX
+    q = torch.round(groups / _safe(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    return q.flatten()[: absmax.numel()].to(torch.int8), scale, mean
+
+
+def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """fp32 block absmaxes back from their double-quantized form."""
+    per_value = scale.repeat_interleave(ABSMAX_BLOCK)[: q.numel()]
+    return q.float() * per_value + mean
+
+
+def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Weight:
+    """Blockwise NF4 of a 2-D weight; the flat weight is zero-padded to whole blocks."""
+    flat = weight.detach().float().flatten()
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % NF4_BLOCK))
+    blocks = flat.view(-1, NF4_BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    packed = pack_nibbles(nf4_indices(blocks, absmax).flatten())
+    if not double_quant:
+        return NF4Weight(packed, absmax, None, None, tuple(weight.shape))
+    q, scale, mean = quantize_absmax(absmax)
+    return NF4Weight(packed, q, scale, mean, tuple(weight.shape))
+
+
+def nf4_absmax(w: NF4Weight) -> torch.Tensor:
+    """The fp32 block absmaxes that dequantization multiplies by."""
+    if w.absmax_scale is None:
+        return w.absmax
+    return dequantize_absmax(w.absmax, w.absmax_scale, w.absmax_mean)
+
+
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``."""
+    code = NF4_CODE.to(device=w.packed.device, dtype=dtype)
+    values = code[unpack_nibbles(w.packed)].view(-1, NF4_BLOCK)
+    values = values * nf4_absmax(w).to(dtype)[:, None]
+    out, inp = w.shape
+    return values.flatten()[: out * inp].view(out, inp)

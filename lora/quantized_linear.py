@@ -1,0 +1,151 @@
+"""QuantizedLinear: a frozen nn.Linear stored as int8 or NF4 and dequantized on the fly (QLoRA).
+
+``quantize_model`` swaps the base model's Linears for QuantizedLinear before any adapter is
+attached; LoRA hooks then work on top unchanged (the hook sees the same input and output).
+The weight is rebuilt per forward and again in backward instead of being saved for it, so a
+training step keeps no full-precision copy of any quantized weight alive. Base weights are
+frozen: only the input (and, if asked, the bias) gets a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant_formats import (
+    NF4Weight,
+    dequantize_int8,
+    dequantize_nf4,
+    quantize_int8,
+    quantize_nf4,
+)
+
+QUANT_MODES = ("none", "int8", "nf4")
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = x Wᵀ + b with W rebuilt from its quantized form in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None,
+                layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.layer.dequantize(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen Linear of shape (out, in) whose weight is int8 (per row) or NF4 (per block).
+
+    ``weight`` is None on purpose: code that checks ``isinstance(m.weight, Tensor)`` before
+    casting to the weight's dtype (T5's feed-forward) then leaves activations alone. The bias
+    stays a full-precision, frozen Parameter under its usual state_dict key.
+    """
+
+    def __init__(self, linear: nn.Linear, mode: str, double_quant: bool = True) -> None:
+        super().__init__()
+        if mode not in ("int8", "nf4"):
+            raise ValueError(f"quantization mode must be int8 or nf4, got {mode!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.double_quant = mode, double_quant and mode == "nf4"
+        self.weight = None
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
+        if mode == "int8":
+            q, scale = quantize_int8(linear.weight)
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", scale)
+        else:
+            for name, t in quantize_nf4(linear.weight, self.double_quant).tensors().items():
+                self.register_buffer(f"weight_{name}", t)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def _nf4(self) -> NF4Weight:
+        dq = self.double_quant
+        return NF4Weight(self.weight_packed, self.weight_absmax,
+                         self.weight_absmax_scale if dq else None,
+                         self.weight_absmax_mean if dq else None,
+                         (self.out_features, self.in_features))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer computes with, in ``dtype``."""
+        if self.mode == "int8":
+            return dequantize_int8(self.weight_int8, self.weight_scale, dtype)
+        return dequantize_nf4(self._nf4(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # compute where nn.Linear would
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FrozenQuantizedMatmul.apply(x.to(dtype), self.bias, self)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.mode}{dq}"
+
+
+def tied_linears(model: nn.Module) -> set[str]:
+    """Linears whose weight is shared with another module (e.g. an LM head tied to embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return {name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and len(set(owners[id(m.weight)])) > 1}
+
+
+def quantize_model(model: nn.Module, mode: str, double_quant: bool = True,
+                   skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace the model's Linears by QuantizedLinear in place; returns the paths replaced.
+
+    Left in full precision: Linears tied to another weight (quantizing one side would untie
+    them), the output embedding (LM head, as in QLoRA), and paths ending in a ``skip`` entry.
+    Call it before attaching adapters: LoRAInjection records the Linears it hooks.
+    """
+    if mode == "none":
+        return []
+    keep = tied_linears(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if (not isinstance(module, nn.Linear) or module is head or name in keep
+                or any(name == s or name.endswith("." + s) for s in skip)):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear(module, mode, double_quant))
+        replaced.append(name)
+    return replaced
+
+
+def frozen_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the base model: {"linear": Linear weights as stored, "total": everything}.
+
+    "linear" counts each Linear's (quantized or not) weight storage, scales included, biases
+    excluded; "total" is every parameter and buffer of the model, shared tensors counted once.
+    """
+    linear = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            linear += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QuantizedLinear):
+            linear += sum(b.numel() * b.element_size() for b in m.buffers())
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return {"linear": linear, "total": total}
