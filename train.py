@@ -33,7 +33,7 @@ from lora import (
     QUANT_MODES,
     LoRAConfig,
     LoRAInjection,
-    frozen_weight_bytes,
+    frozen_bytes,
     inject_lora,
     load_adapter,
     quantize_model,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> Path:
         device=device)
     if quantized := quantize_model(model, args.quantize, args.double_quant):
         log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", args.model,
-                 len(quantized), args.quantize, frozen_weight_bytes(model)["total"] / 1e6)
+                 len(quantized), args.quantize, frozen_bytes(model) / 1e6)
     task = make_task(model, processor, task_name, prompt=args.prompt, max_length=args.max_length)
     train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
     args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file

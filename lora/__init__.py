@@ -13,7 +13,14 @@ from .config import LoRAConfig
 from .injection import LoRAInjection, inject_lora
 from .layer import LoRALinear
 from .peft_format import load_peft, save_peft
-from .quantized_linear import QUANT_MODES, QuantizedLinear, frozen_weight_bytes, quantize_model
+from .quantized_linear import (
+    QUANT_MODES,
+    QuantizedLinear,
+    frozen_bytes,
+    quantizable_linears,
+    quantize_model,
+    weight_bytes,
+)
 from .targets import PRESETS, select_targets
 
 __all__ = [
@@ -25,13 +32,15 @@ __all__ = [
     "LoRALinear",
     "QuantizedLinear",
     "base_fingerprint",
-    "frozen_weight_bytes",
+    "frozen_bytes",
     "inject_lora",
     "load_adapter",
     "load_peft",
+    "quantizable_linears",
     "quantize_model",
     "read_metadata",
     "save_adapter",
     "save_peft",
     "select_targets",
+    "weight_bytes",
 ]

@@ -13,6 +13,7 @@ scale per 256 of them (the paper uses 8-bit floats here; int8 costs the same 8 b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +124,17 @@ def nf4_absmax(w: NF4Weight) -> torch.Tensor:
     return dequantize_absmax(w.absmax, w.absmax_scale, w.absmax_mean)
 
 
+@functools.lru_cache(maxsize=16)
+def nf4_byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 2): the two code values each packed byte stands for (one gather per byte)."""
+    code = NF4_CODE.to(device=device, dtype=dtype)
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
+
+
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in ``dtype``."""
-    code = NF4_CODE.to(device=w.packed.device, dtype=dtype)
-    values = code[unpack_nibbles(w.packed)].view(-1, NF4_BLOCK)
-    values = values * nf4_absmax(w).to(dtype)[:, None]
+    # index_select with int32 indices: ~3x faster on CPU than indexing with int64
+    values = nf4_byte_table(w.packed.device, dtype).index_select(0, w.packed.int())
+    values = values.view(-1, NF4_BLOCK).mul_(nf4_absmax(w).to(dtype)[:, None])
     out, inp = w.shape
     return values.flatten()[: out * inp].view(out, inp)

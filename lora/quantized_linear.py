@@ -107,45 +107,44 @@ def tied_linears(model: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and len(set(owners[id(m.weight)])) > 1}
 
 
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
+    """Paths of the Linears quantize_model replaces, in module order.
+
+    Left out: Linears tied to another weight (quantizing one side would untie them), the output
+    embedding (LM head, kept in full precision as in QLoRA), and paths ending in a ``skip`` entry.
+    """
+    tied = tied_linears(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and name not in tied
+            and not any(name == s or name.endswith("." + s) for s in skip)]
+
+
 def quantize_model(model: nn.Module, mode: str, double_quant: bool = True,
                    skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace the model's Linears by QuantizedLinear in place; returns the paths replaced.
+    """Replace the quantizable Linears by QuantizedLinear in place; returns their paths.
 
-    Left in full precision: Linears tied to another weight (quantizing one side would untie
-    them), the output embedding (LM head, as in QLoRA), and paths ending in a ``skip`` entry.
     Call it before attaching adapters: LoRAInjection records the Linears it hooks.
     """
     if mode == "none":
         return []
-    keep = tied_linears(model)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head else None
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if (not isinstance(module, nn.Linear) or module is head or name in keep
-                or any(name == s or name.endswith("." + s) for s in skip)):
-            continue
+    paths = quantizable_linears(model, skip)
+    for name in paths:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantizedLinear(module, mode, double_quant))
-        replaced.append(name)
-    return replaced
+        owner = model.get_submodule(parent)
+        setattr(owner, child, QuantizedLinear(getattr(owner, child), mode, double_quant))
+    return paths
 
 
-def frozen_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by the base model: {"linear": Linear weights as stored, "total": everything}.
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes a Linear's weight occupies as stored: the matrix, or its quantized form + scales."""
+    if isinstance(module, QuantizedLinear):
+        return sum(b.numel() * b.element_size() for b in module.buffers())
+    return module.weight.numel() * module.weight.element_size()
 
-    "linear" counts each Linear's (quantized or not) weight storage, scales included, biases
-    excluded; "total" is every parameter and buffer of the model, shared tensors counted once.
-    """
-    linear = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            linear += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, QuantizedLinear):
-            linear += sum(b.numel() * b.element_size() for b in m.buffers())
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return {"linear": linear, "total": total}
+
+def frozen_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model``, shared tensors counted once."""
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
