@@ -2,11 +2,13 @@
 
     python train.py --r 16 --alpha 32                       # embedded tiny BLIP, shipped cubes
     python train.py --model Salesforce/blip-image-captioning-large --r 16 --alpha 32 ...
+    torchrun --nproc_per_node=8 train.py ...                 # data parallel, one GPU per process
 
 The loop reads top to bottom: AdamW over adapter parameters, linear warm-up then cosine decay
 per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA;
 fp32 on CPU unless --precision bf16), a validation loss each epoch, resumable checkpoints, a JSONL
-metrics log. --task vqa trains BLIP VQA (or prompted BLIP-2 VQA) the same way.
+metrics log. --task vqa trains BLIP VQA (or prompted BLIP-2 VQA) the same way. Under torchrun
+every process trains on its share of each batch (DDP over the adapters), rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from data.dataset import split_by_image
 from evaluation.curves import plot_curves
@@ -48,6 +52,7 @@ from models.loading import (
     pick_device,
 )
 from models.tasks import Task, TaskDataset, make_task
+from training import distributed
 from training.accumulation import steps_per_epoch, windows
 from training.checkpoint import (
     ADAPTER,
@@ -70,7 +75,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESUME_KEYS = ("model", "task", "train_file", "val_file", "val_fraction", "r", "alpha", "dropout",
                "rslora", "targets", "rank_pattern", "alpha_pattern", "epochs", "batch_size",
                "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
-               "seed", "prompt", "label_smoothing", "base_dtype", "quantize", "double_quant")
+               "seed", "prompt", "label_smoothing", "base_dtype", "world_size", "quantize",
+               "double_quant")
+# for checkpoints written before the key existed
+RESUME_DEFAULTS = {"world_size": 1, "quantize": "none", "double_quant": True}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -130,9 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="alpha override for Linears a pattern matches (repeatable)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="passes over the training data")
-    g.add_argument("--batch-size", type=int, default=16, help="samples per micro-batch")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="samples per micro-batch of each process")
     g.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step (global batch = batch × accum)")
+                   help="micro-batches per optimizer step (global batch = batch × accum × "
+                        "processes)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     g.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="fraction of optimizer steps spent in linear warm-up")
@@ -238,6 +248,20 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
 
 
+def rank_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's share of each of the epoch's micro-batches (``batch_size`` per process).
+
+    The epoch's permutation is cut into global micro-batches of batch_size × world samples, and
+    rank r takes every world-th index of each from the r-th on. Where the epoch divides evenly
+    this is DistributedSampler's layout (same permutation, tested); its last, short micro-batch
+    is shared out as it is (a rank may get fewer samples, or none) instead of being padded with
+    repeated samples or cut, so every global batch is exactly the one a single process with
+    batch_size × world would see. In one process: epoch_batches.
+    """
+    rank, world = distributed.rank_and_world()
+    return [b[rank::world] for b in epoch_batches(n, batch_size * world, seed, epoch)]
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
     """torch.autocast for ``amp_dtype``, disabled when it is None (fp32)."""
     return torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -255,13 +279,14 @@ def forward_loss(task: Task, model, batch: dict, device, amp_dtype, label_smooth
 
 @torch.no_grad()
 def validation_loss(task: Task, model, loader, device, amp_dtype) -> float:
-    """Token-mean loss over a loader, in eval mode."""
+    """Token-mean loss over a loader (each rank's share, summed over ranks), in eval mode."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         loss, n = forward_loss(task, model, batch, device, amp_dtype, 0.0)
         total, count = total + loss.item(), count + n
     model.train()
+    total, count = distributed.sum_across_ranks([total, count], device)
     return total / max(count, 1)
 
 
@@ -281,12 +306,23 @@ def exact_match_report(task: Task, samples, args, amp_dtype, device) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Train; returns the path of the final adapter file."""
+    """Train; returns the path of the final adapter file (under torchrun, rank 0 writes it)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    with distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
+        return run(args, device)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Path:
+    """main()'s training run on ``device``: this process's share when several run."""
+    rank, world = distributed.rank_and_world()
+    main_rank = rank == 0  # the one process that logs and writes files
+    if not main_rank:  # errors only, and no progress bars (transformers' included)
+        logging.getLogger().setLevel(logging.WARNING)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
 
@@ -309,7 +345,9 @@ def main(argv: list[str] | None = None) -> Path:
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise SystemExit(f"{out_dir} is not empty: pass --resume auto to continue that run, "
                          "or choose another --output-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: samples -> seeded train/val split -> loaders (the order is ours, per epoch).
     train_samples = load_samples(task, args.train_file, args)
@@ -320,7 +358,9 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         val_samples = []
     train_set = TaskDataset(train_samples, task)
-    val_loader = DataLoader(TaskDataset(val_samples, task), batch_size=args.eval_batch_size,
+    # Each rank scores every world-th validation sample; validation_loss sums over ranks.
+    val_loader = DataLoader(TaskDataset(val_samples[rank::world], task),
+                            batch_size=args.eval_batch_size,
                             collate_fn=task.collate, num_workers=args.num_workers,
                             generator=quiet_rng())
 
@@ -336,22 +376,26 @@ def main(argv: list[str] | None = None) -> Path:
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     params = injection.adapter_parameters("default")
+    # One micro-batch's (summed token loss, target count); under torchrun, DDP over the adapters.
+    adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
+        task, model, batch, device, amp_dtype, args.label_smoothing)), device)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    n_micro = -(-len(train_set) // args.batch_size)
+    n_micro = -(-len(train_set) // (args.batch_size * world))  # global micro-batches per epoch
     total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     run_config = {**vars(args), "task": task_name, "output_dir": str(out_dir),
                   "device": str(device), "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
-                  "global_batch": args.batch_size * args.grad_accum, "total_steps": total_steps,
+                  "world_size": world, "total_steps": total_steps,
+                  "global_batch": args.batch_size * args.grad_accum * world,
                   "train_samples": len(train_samples), "val_samples": len(val_samples),
                   "git_commit": git_commit(), "versions": library_versions()}
     pos = Position()
     if resume_dir:
         state, pos = load_state(resume_dir)
-        diff = {k: (state["run"][k], run_config[k]) for k in RESUME_KEYS
-                if state["run"].get(k) != run_config[k]}
+        saved = {k: state["run"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+        diff = {k: (saved[k], run_config[k]) for k in RESUME_KEYS if saved[k] != run_config[k]}
         if diff:
             raise SystemExit(f"cannot resume {resume_dir}: settings differ (saved, now): {diff}")
         optimizer.load_state_dict(state["optimizer"])
@@ -359,43 +403,56 @@ def main(argv: list[str] | None = None) -> Path:
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", resume_dir, pos.step, pos.epoch)
-    (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    if main_rank:
+        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     adapter_meta = {"base_model": args.model, "task": task_name, "prompt": args.prompt,
                     "trained_on_quantization": args.quantize}
-    log.info("%s | %d train / %d val samples | global batch %d | %d optimizer steps | %s",
-             injection.describe(), len(train_samples), len(val_samples),
-             run_config["global_batch"], total_steps, f"autocast {amp_dtype}")
+    log.info("%s | %d train / %d val samples | global batch %d (%d per process × %d accumulated "
+             "× %d processes) | %d optimizer steps | %s", injection.describe(), len(train_samples),
+             len(val_samples), run_config["global_batch"], args.batch_size, args.grad_accum, world,
+             total_steps, f"autocast {amp_dtype}")
 
-    def checkpoint(rng: dict) -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng, "run": run_config}
-        save_checkpoint(out_dir / "checkpoints" / f"step-{pos.step:06d}", injection, state,
-                        pos, adapter_meta, keep=args.keep_checkpoints)
+    def checkpoint(rng: dict, sync: bool = True) -> None:
+        if main_rank:  # every rank holds the same adapters and optimizer state after a step
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng, "run": run_config}
+            save_checkpoint(out_dir / "checkpoints" / f"step-{pos.step:06d}", injection, state,
+                            pos, adapter_meta, keep=args.keep_checkpoints)
+        if sync:
+            distributed.barrier()  # no rank runs ahead, or exits, while rank 0 writes
 
-    metrics = (out_dir / "metrics.jsonl").open("a")
-    bar = tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True)
+    metrics = (out_dir / "metrics.jsonl" if main_rank else Path(os.devnull)).open("a")
+    bar = tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
+               disable=not main_rank)
     window_rng = rng_state()  # RNG state at the start of the current (or next) window
     model.train()
     t0 = time.time()
     try:
         for epoch in range(pos.epoch, args.epochs):
-            batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch)
+            batches = rank_batches(len(train_set), args.batch_size, args.seed, epoch)
             start = pos.micro if epoch == pos.epoch else 0
-            loader = iter(DataLoader(train_set, batch_sampler=batches[start:],
+            loader = iter(DataLoader(train_set, batch_sampler=[b for b in batches[start:] if b],
                                      collate_fn=task.collate,
                                      num_workers=args.num_workers, generator=quiet_rng()))
             for window in windows(len(batches), args.grad_accum):
                 if window.start < start:
                     continue
                 window_rng = rng_state()
-                micro = list(itertools.islice(loader, len(window)))
-                n_tokens = sum(task.count_targets(b) for b in micro)
+                if world > 1:
+                    distributed.seed_step(args.seed, pos.step)
+                micro = [next(loader) if batches[i] else None for i in window]  # None: no share
+                # The window's target tokens on all ranks: the denominator of the exact mean.
+                n_tokens = sum(task.count_targets(b) for b in micro if b is not None)
+                n_tokens = distributed.sum_across_ranks([n_tokens], device)[0]
                 loss_total = 0.0
-                for batch in micro:  # each micro-batch weighs its share of the window's tokens
-                    loss_sum, _ = forward_loss(task, model, batch, device, amp_dtype,
-                                               args.label_smoothing)
-                    scaler.scale(loss_sum / n_tokens).backward()
+                for i, batch in enumerate(micro):  # each weighs its share of the window's tokens
+                    # DDP all-reduces once per window, in the last micro-batch's backward, and
+                    # averages over ranks: × world turns that average into the sum over ranks.
+                    with distributed.no_sync(adapter_loss, skip=i < len(micro) - 1):
+                        loss_sum, _ = adapter_loss(batch)
+                        scaler.scale(loss_sum * world / n_tokens).backward()
                     loss_total += loss_sum.item()
+                loss_total = distributed.sum_across_ranks([loss_total], device)[0]
                 scaler.unscale_(optimizer)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                              if args.max_grad_norm > 0 else torch.tensor(0.0))
@@ -423,27 +480,38 @@ def main(argv: list[str] | None = None) -> Path:
             record: dict[str, Any] = {"step": pos.step, "epoch": epoch}
             if val_samples:
                 record["val_loss"] = validation_loss(task, model, val_loader, device, amp_dtype)
-                if record["val_loss"] < pos.best_val:
+                if record["val_loss"] < pos.best_val:  # the same all-reduced value on every rank
                     pos = dataclasses.replace(pos, best_val=record["val_loss"])
-                    save_adapter(injection, out_dir / "best.safetensors", base_model=args.model,
-                                 extra=adapter_meta)
-                bar.write(f"epoch {epoch}: val loss {record['val_loss']:.4f}")
+                    if main_rank:
+                        save_adapter(injection, out_dir / "best.safetensors",
+                                     base_model=args.model, extra=adapter_meta)
+                if main_rank:
+                    bar.write(f"epoch {epoch}: val loss {record['val_loss']:.4f}")
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             checkpoint(rng_state())
     except KeyboardInterrupt:
-        checkpoint(window_rng)  # a resumed run replays an interrupted window from its start
+        # A resumed run replays an interrupted window from its start. No barrier: under torchrun
+        # every rank got the SIGINT and the others may be gone already.
+        checkpoint(window_rng, sync=False)
         bar.close()
-        log.warning("interrupted: checkpoint at step %d saved; continue with --resume auto "
-                    "--output-dir %s", pos.step, out_dir)
+        if main_rank:
+            log.warning("interrupted: checkpoint at step %d saved; continue with --resume auto "
+                        "--output-dir %s", pos.step, out_dir)
         raise SystemExit(130) from None
     finally:
         metrics.close()
     bar.close()
 
-    final = save_adapter(injection, out_dir / ADAPTER, base_model=args.model, extra=adapter_meta)
-    plot_curves(out_dir / "metrics.jsonl")
-    log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0, final)
+    final = out_dir / ADAPTER
+    if main_rank:
+        save_adapter(injection, final, base_model=args.model, extra=adapter_meta)
+        plot_curves(out_dir / "metrics.jsonl")
+        log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0,
+                 final)
+    distributed.barrier()  # the adapter is on disk before any rank returns
+    if not main_rank:
+        return final  # the exact-match report below is rank 0's alone
     if args.eval_file.lower() != "none":
         report_exact_match(task, injection, args, amp_dtype, device, out_dir)
     print(f"adapter: {final}")
