@@ -120,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shipped test set of the task; 'none' skips it)")
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) malformed lines and unreadable images instead of failing")
+    g.add_argument("--image-root", default=None,
+                   help="folder the data files' image paths are relative to (default: each JSON/"
+                        "JSONL file's own folder); e.g. COCO's train2014/ for VQA v2")
+    g.add_argument("--annotations", default=None,
+                   help="VQA v2: the annotations file of --train-file (default: the sibling named "
+                        "like the questions file, v2_mscoco_<split>_annotations.json)")
     g.add_argument("--prompt", default="",
                    help="text prefix before every caption, masked out of the loss "
                         "(LAVIS uses 'a picture of ')")
@@ -233,7 +239,9 @@ def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
 
 def load_samples(task: Task, path: str, args: argparse.Namespace) -> list:
     """Samples of one data file (the loader logs what --skip-bad-samples skipped)."""
-    return task.load_samples(path, skip_bad_samples=args.skip_bad_samples)[0]
+    annotations = args.annotations if path == args.train_file else None
+    return task.load_samples(path, skip_bad_samples=args.skip_bad_samples,
+                             image_root=args.image_root, annotations=annotations)[0]
 
 
 def quiet_rng() -> torch.Generator:

@@ -52,10 +52,19 @@ class Task:
         """Target tokens in a batch, the denominator of exact accumulation."""
         return count_targets(batch["labels"], self.shifted_labels)
 
-    def load_samples(self, path: str | Path, skip_bad_samples: bool = False):
-        """(samples, skip report) from any supported file format of this task."""
-        loader = load_caption_samples if self.name == "caption" else load_vqa_samples
-        return loader(path, skip_bad_samples=skip_bad_samples)
+    def load_samples(self, path: str | Path, skip_bad_samples: bool = False,
+                     image_root: str | Path | None = None,
+                     annotations: str | Path | None = None):
+        """(samples, skip report) from any supported file format of this task.
+
+        ``annotations`` names a VQA v2 annotations file (VQA only)."""
+        if self.name == "caption":
+            if annotations is not None:
+                raise ValueError("annotations= applies to VQA v2 data, not captions")
+            return load_caption_samples(path, skip_bad_samples=skip_bad_samples,
+                                        image_root=image_root)
+        return load_vqa_samples(path, skip_bad_samples=skip_bad_samples, image_root=image_root,
+                                annotations=annotations)
 
     def item(self, sample: Sample, image: Image.Image) -> tuple:
         """The training item of one sample: (image, caption) or (image, question, answer)."""

@@ -3,6 +3,7 @@ train.py --task vqa runs end to end."""
 
 import json
 
+import pytest
 import torch
 from conftest import (
     randomize_adapters,
@@ -14,6 +15,7 @@ from PIL import Image
 
 import infer
 import train
+from data.formats import DataFormatError
 from lora import LoRAConfig, inject_lora
 from models.blip_vqa import VQACollator, answer_logits, vqa_generate, vqa_loss_sum
 from models.loading import enable_activation_checkpointing, load_model
@@ -112,3 +114,34 @@ def test_gradient_checkpointing_same_adapter_grads(tmp_path):
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
     assert all(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_train_on_vqa_v2_with_image_root_and_annotations(tmp_path):
+    # COCO-style layout: questions and annotations under meta/ (the annotations not named after
+    # the questions file), images in their own folder: needs --image-root and --annotations.
+    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    (tmp_path / "train2014").mkdir()
+    questions, annotations = [], []
+    for i, colour in enumerate(["red", "blue", "green", "red"]):
+        Image.new("RGB", (32, 32), colour).save(
+            tmp_path / f"train2014/COCO_train2014_{i:012d}.jpg")
+        questions.append({"image_id": i, "question": "what colour is the cube?",
+                          "question_id": i})
+        annotations.append({"question_id": i, "image_id": i,
+                            "answers": [{"answer": colour}] * 10})
+    (tmp_path / "meta").mkdir()
+    q = tmp_path / "meta/questions.json"
+    q.write_text(json.dumps({"data_subtype": "train2014", "questions": questions}))
+    a = tmp_path / "meta/answers.json"
+    a.write_text(json.dumps({"annotations": annotations}))
+    args = ["--model", str(model_dir), "--train-file", str(q), "--eval-file", "none",
+            "--val-fraction", "0", "--epochs", "1", "--batch-size", "2",
+            "--output-dir", str(tmp_path / "run")]
+    adapter = train.main([*args, "--image-root", str(tmp_path / "train2014"),
+                          "--annotations", str(a)])
+    assert adapter.exists()
+    config = json.loads((tmp_path / "run/run_config.json").read_text())
+    assert config["train_samples"] == 4 and config["annotations"] == str(a)
+    with pytest.raises(DataFormatError, match="annotations"):  # not found without the flag
+        train.main([*args[:-1], str(tmp_path / "run2"), "--image-root",
+                    str(tmp_path / "train2014")])
