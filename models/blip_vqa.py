@@ -61,9 +61,17 @@ class VQACollator:
 
 
 def encode_question(model: BlipForQuestionAnswering, pixel_values: torch.Tensor,
-                    input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Question states (B, Tq, H) conditioned on the image."""
-    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+                    input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Question states (B, Tq, H) conditioned on the image.
+
+    ``image_index`` (B,), optional: question i is about image ``image_index[i]`` of
+    ``pixel_values`` (N, 3, H, W), so an image asked several questions is encoded once. The
+    vision tower sees each image on its own, so this equals passing every question its image.
+    """
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, P, H)
+    if image_index is not None:
+        image_embeds = image_embeds[image_index]  # (B, P, H)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     return model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
                               encoder_hidden_states=image_embeds,
@@ -71,9 +79,10 @@ def encode_question(model: BlipForQuestionAnswering, pixel_values: torch.Tensor,
 
 
 def answer_logits(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Decoder logits (B, Ta, V) for the answer tokens, teacher-forced."""
+    """Decoder logits (B, Ta, V) for the answer tokens, teacher-forced (``batch`` may hold an
+    ``image_index``, as in encode_question)."""
     question = encode_question(model, batch["pixel_values"], batch["input_ids"],
-                               batch["attention_mask"])
+                               batch["attention_mask"], batch.get("image_index"))
     return model.text_decoder(input_ids=batch["answer_ids"], attention_mask=batch["answer_mask"],
                               encoder_hidden_states=question,
                               encoder_attention_mask=batch["attention_mask"]).logits

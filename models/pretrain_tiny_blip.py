@@ -273,14 +273,16 @@ Load with `BlipForConditionalGeneration.from_pretrained(dir)` and
     (out / "README.md").write_text(text, encoding="utf-8")
 
 
-def add_recipe_args(p: argparse.ArgumentParser, n_eval: int, steps: int, threads: int) -> None:
-    """The flags every tiny-model recipe shares (defaults differ per recipe)."""
+def add_recipe_args(p: argparse.ArgumentParser, n_eval: int, steps: int, threads: int,
+                    batch_size: int = 32, batch_help: str = "examples per step") -> None:
+    """The flags every tiny-model recipe shares (defaults, and what a batch counts, differ per
+    recipe)."""
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and shuffling")
     p.add_argument("--n-train", type=int, default=6000, help="shape scenes to train on")
     p.add_argument("--n-eval", type=int, default=n_eval,
                    help="fresh held-out shape scenes to score")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices")

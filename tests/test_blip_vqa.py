@@ -66,6 +66,21 @@ def test_padded_questions_are_masked_everywhere(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_image_index_encodes_each_image_once(tmp_path):
+    # Three questions about two images: indexing one encoding per image must give the logits
+    # of the plain batch, where every question carries its own copy of the image.
+    _, model, processor, _, images = _setup(tmp_path)
+    collate = VQACollator(processor, model.config.text_config.bos_token_id)
+    items = [(images[0], "what colour is the cube?", "red"), (images[1], "is it?", "no"),
+             (images[0], "how many?", "one")]
+    batch = collate(items)
+    shared = {**batch, "pixel_values": batch["pixel_values"][:2],
+              "image_index": torch.tensor([0, 1, 0])}
+    with torch.no_grad():
+        torch.testing.assert_close(answer_logits(model, shared), answer_logits(model, batch),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_train_vqa_then_infer_questions(tmp_path):
     model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
     data = write_tiny_vqa_dataset(tmp_path / "d")
