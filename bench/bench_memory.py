@@ -3,17 +3,19 @@
 A mid-size random BLIP-2 (ViT-B/16 at 224 px, a 12-layer Q-Former, an OPT-350m-shaped language
 model: ~520M parameters) trains rank-16 adapters on the vision, Q-Former and language Linears.
 Each of the six settings runs in a fresh process, so peak memory is its own:
-  * frozen bytes: the base's stored parameters and buffers, against the same model in fp16
-    (2 bytes per parameter, what a GPU user would otherwise load); "Linear" counts only the
-    Linear weights that get quantized (embeddings, norms and the tied LM head stay as they are);
+  * frozen bytes: the base's stored parameters and buffers as run ("as run": on CPU what is not
+    quantized stays fp32), and against the same model in fp16 (2 bytes per parameter, what a
+    GPU user would otherwise load) with the unquantized rest in fp16 too (--base-dtype fp16);
+    "Linear" counts only the Linear weights that get quantized (embeddings, norms, biases and
+    the tied LM head stay as they are);
   * peak memory during the timed steps: CPU peak RSS (VmHWM, reset after the model is built and
     quantized), or torch.cuda.max_memory_allocated with --device cuda;
   * step time (forward + backward + AdamW on the adapters), median, and its ratio to "none".
 On CPU the unquantized base and the compute are fp32 (fp16 matmuls are slow there); with
 --device cuda the base is fp16 and the step runs under fp16 autocast.
 
-    python bench/bench_memory.py --threads 2                     # ~10 min on 2 CPU cores
-    python bench/bench_memory.py --preset small                  # a quick check of the script
+    python bench/bench_memory.py --threads 2 --batch 1 --repeats 2   # ~5 min on 2 quiet cores
+    python bench/bench_memory.py --preset small                      # a quick check
 """
 
 from __future__ import annotations
@@ -152,17 +154,19 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], device: str) -> str:
-    """Markdown table of all settings, ratios against fp16 bytes and the 'none' step."""
+    """Markdown table of all settings: bytes against an fp16 base, peak memory, step times."""
     mem = "peak CUDA MiB" if device.startswith("cuda") else "peak RSS MiB"
     base = {r["checkpointing"]: r["step_s"] for r in rows if r["mode"] == "none"}
-    lines = [f"| base | checkpointing | frozen MB | × fp16 (all) | × fp16 (Linear) | {mem} "
-             "| step s | × none step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| base | checkpointing | frozen MB as run | frozen × fp16 base | Linear × fp16 "
+             f"| {mem} | step s | × none step |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        fp16_all, fp16_linear = 2 * r["params"], 2 * r["linear_params"]
+        fp16_linear = 2 * r["linear_params"]
+        rest = 2 * (r["params"] - r["linear_params"])  # embeddings, norms, biases, tied head
+        linear = fp16_linear if r["mode"] == "none" else r["stored_linear"]
         lines.append(
             f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} "
-            f"| {r['stored_total'] / 1e6:.0f} | {r['stored_total'] / fp16_all:.3f} "
-            f"| {r['stored_linear'] / fp16_linear:.3f} | {r['peak_mb']:.0f} | {r['step_s']:.2f} "
+            f"| {r['stored_total'] / 1e6:.0f} | {(linear + rest) / (fp16_linear + rest):.3f} "
+            f"| {linear / fp16_linear:.3f} | {r['peak_mb']:.0f} | {r['step_s']:.2f} "
             f"| {r['step_s'] / base[r['checkpointing']]:.2f} |")
     return "\n".join(lines)
 
@@ -176,6 +180,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--table-from", type=Path, default=None,
+                    help="print the table of rows saved earlier with --out, and exit")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # set for the per-setting worker process
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -183,6 +189,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.table_from:  # re-print a saved run's table
+        print(table(json.loads(args.table_from.read_text()), args.device))
+        return
     if args.mode:
         print(json.dumps(worker(args)))
         return
