@@ -8,6 +8,7 @@ paths are written out here with the question mask applied consistently.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,16 +49,19 @@ class VQACollator:
 
     def __call__(self, items: Sequence[tuple[Image.Image, str, str]]) -> dict[str, torch.Tensor]:
         images, questions, answers = zip(*items, strict=True)
-        enc = self.processor(images=list(images), text=list(questions), padding="longest",
-                             truncation=True, max_length=self.max_length, return_tensors="pt")
-        ans = self.processor.tokenizer(list(answers), padding="longest", truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"], **self.text(questions, answers)}
+
+    def text(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The batch without its images: question inputs, answer ids (from bos) and labels."""
+        tokenize = functools.partial(self.processor.tokenizer, padding="longest", truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+        enc, ans = tokenize(list(questions)), tokenize(list(answers))
         answer_ids = ans["input_ids"].clone()
         answer_ids[:, 0] = self.bos_token_id
         labels = answer_ids.masked_fill(ans["attention_mask"] == 0, IGNORE)
-        return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
-                "attention_mask": enc["attention_mask"], "answer_ids": answer_ids,
-                "answer_mask": ans["attention_mask"], "labels": labels}
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "answer_ids": answer_ids, "answer_mask": ans["attention_mask"], "labels": labels}
 
 
 def encode_question(model: BlipForQuestionAnswering, pixel_values: torch.Tensor,

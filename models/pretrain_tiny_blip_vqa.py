@@ -43,10 +43,14 @@ from transformers import (
 from data.formats import load_image
 from data.scenes import COLOURS, RELATIONS, SHAPES, render_shape_scene, sample_shape_scene
 from data.vqa_formats import load_vqa_samples
-from models.blip_vqa import restore_cross_attention_masks, vqa_generate, vqa_loss_sum
+from models.blip_vqa import (
+    VQACollator,
+    restore_cross_attention_masks,
+    vqa_generate,
+    vqa_loss_sum,
+)
 from models.captioning import normalize_caption
 from models.loading import load_model
-from models.loss import IGNORE
 from models.pretrain_tiny_blip import (
     add_recipe_args,
     build_model,
@@ -139,50 +143,31 @@ def kind_of(question: str) -> str:
 
 @dataclass
 class SceneSet:
-    """Training data as tensors, prepared once: every scene's pixels and, per scene, the token
-    ids of each of its (question, answer) pairs ([CLS] ... [SEP]; an answer starts from bos)."""
+    """Training data prepared once: every scene's pixels and, per scene, its (question, answer)
+    pairs; ``batch`` tokenizes the text of a step's scenes with the task's own collator."""
 
     pixel_values: torch.Tensor  # (N, 3, 64, 64), normalised by the model's image processor
-    qa_ids: list[list[tuple[list[int], list[int]]]]  # scene -> [(question ids, answer ids)]
-    pad_id: int
+    qa: list[list[tuple[str, str]]]  # scene -> [(question, answer)]
+    collate: VQACollator
 
     def batch(self, scenes: list[int]) -> dict[str, torch.Tensor]:
         """Every question about `scenes`; image_index maps each to its scene's pixels."""
-        owner, questions, answers = [], [], []
-        for k, scene in enumerate(scenes):
-            for q, a in self.qa_ids[scene]:
-                owner.append(k)
-                questions.append(q)
-                answers.append(a)
-        input_ids, attention_mask = _pad(questions, self.pad_id)
-        answer_ids, answer_mask = _pad(answers, self.pad_id)
+        owner = [k for k, scene in enumerate(scenes) for _ in self.qa[scene]]
+        questions, answers = zip(*(qa for scene in scenes for qa in self.qa[scene]), strict=True)
         return {"pixel_values": self.pixel_values[scenes], "image_index": torch.tensor(owner),
-                "input_ids": input_ids, "attention_mask": attention_mask,
-                "answer_ids": answer_ids, "answer_mask": answer_mask,
-                "labels": answer_ids.masked_fill(answer_mask == 0, IGNORE)}
-
-
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T) and their attention mask."""
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-    return ids, mask
+                **self.collate.text(questions, answers)}
 
 
 def scene_set(images: list[Image.Image], items: list[Item], processor: BlipProcessor,
               bos_token_id: int) -> SceneSet:
-    """Pixels of every scene (the processor runs once, not every step) and its questions' ids."""
+    """Pixels of every scene (the processor runs once, not every step) and its questions."""
     pixel_values = torch.cat([processor.image_processor(images=images[i:i + 500],
                                                         return_tensors="pt")["pixel_values"]
                               for i in range(0, len(images), 500)])
-    tok = processor.tokenizer
-    ids = {t: tok(t)["input_ids"] for t in {t for _, q, a in items for t in (q, a)}}
-    qa_ids: list[list[tuple[list[int], list[int]]]] = [[] for _ in images]
+    qa: list[list[tuple[str, str]]] = [[] for _ in images]
     for scene, q, a in items:
-        qa_ids[scene].append((ids[q], [bos_token_id, *ids[a][1:]]))
-    return SceneSet(pixel_values, qa_ids, tok.pad_token_id)
+        qa[scene].append((q, a))
+    return SceneSet(pixel_values, qa, VQACollator(processor, bos_token_id))
 
 
 def train(model: BlipForQuestionAnswering, data: SceneSet, args: argparse.Namespace) -> None:
@@ -193,7 +178,7 @@ def train(model: BlipForQuestionAnswering, data: SceneSet, args: argparse.Namesp
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
-    n = len(data.qa_ids)
+    n = len(data.qa)
     model.train()
     bar = tqdm(range(args.steps), desc="pretrain")
     perm, pos = torch.randperm(n, generator=gen), 0
