@@ -25,7 +25,7 @@ from torch import nn
 from .config import LoRAConfig
 from .injection import AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
-from .targets import LINEAR_TYPES
+from .targets import linear_modules
 
 FORMAT_VERSION = "1"
 log = logging.getLogger(__name__)
@@ -142,11 +142,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as e:
         raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear (quantized or not) of ``model`` by path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
 def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import LoRAConfig
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
-from .targets import LINEAR_TYPES, first_match, select_targets
+from .targets import first_match, linear_modules, select_targets
 
 # module path -> (r, alpha): the resolved shape of one adapter.
 AdapterSpec = dict[str, tuple[int, float]]
@@ -82,7 +82,7 @@ class LoRAInjection(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
-        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+        self._linears = linear_modules(model)
         self._hooks: dict[str, RemovableHandle] = {}
         self._backups: dict[str, torch.Tensor] = {}  # pre-merge weights, for exact unmerge
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -19,12 +19,12 @@ from .adapter_file import (
     AdapterFileError,
     adapter_state,
     atomic_save_tensors,
-    linear_modules,
     read_adapter_file,
     validate_state,
 )
 from .config import LoRAConfig
 from .injection import LoRAInjection
+from .targets import linear_modules
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"

@@ -60,9 +60,14 @@ def matches(name: str, pattern: str) -> bool:
 LINEAR_TYPES = (nn.Linear, QuantizedLinear)
 
 
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear (quantized or not) of ``model`` by path, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Paths of every nn.Linear (quantized or not) in ``model``, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+    return list(linear_modules(model))
 
 
 def candidate_summary(names: Iterable[str]) -> str:
