@@ -127,8 +127,8 @@ def nf4_absmax(w: NF4Weight) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def nf4_byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(256, 2): the two code values each packed byte stands for (one gather per byte)."""
-    code = NF4_CODE.to(device=device, dtype=dtype)
-    return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
+    every_byte = torch.arange(256, dtype=torch.uint8, device=device)
+    return NF4_CODE.to(device=device, dtype=dtype)[unpack_nibbles(every_byte)].view(256, 2)
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
