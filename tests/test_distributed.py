@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,21 @@ def _child(rank: int, world: int, port: int, argv: list[str], before) -> None:
         sys.addaudithook(_refuse_writes_under(Path(argv[argv.index("--output-dir") + 1])))
     if before:
         before(rank)
-    train.main(argv)
+    # A forked child of the (threaded) pytest process leaves through os._exit: interpreter
+    # shutdown after fork can hang on state inherited from the parent's threads (seen once:
+    # a rank that had raised never exited, so its peer waited in all_reduce).
+    code = 1
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def launch(argv: list[str], before=None, world: int = 2, timeout: float = 60) -> list[int | None]:
