@@ -54,7 +54,7 @@ class Pipeline:
             self.injection = load_adapter(self.injection or self.model, path,
                                           name=f"{i}-{Path(path).stem}")
         if merge:  # W + scale·BA in full precision first, then one quantization of the sum
-            self.injection.merge(exact_unmerge=False)  # inference only: no backup copy needed
+            self.injection.merge()  # no backup copy of W (exact_unmerge): inference only
             quantize_model(self.model, quantize, double_quant)
 
     def caption(self, images: Sequence[Image.Image], **generate_kwargs: Any) -> list[str]:

@@ -71,7 +71,7 @@ def test_merge_equals_unmerged_idempotent_and_unmerge_exact(model, batch):
     inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
     randomize_adapters(inj)
     hooked = logits(model, batch)
-    inj.merge()
+    inj.merge(exact_unmerge=True)
     assert all(not m._forward_hooks for m in model.modules())  # zero-overhead while merged
     torch.testing.assert_close(logits(model, batch), hooked, rtol=1e-4, atol=1e-5)
     once = snapshot(model)
@@ -86,14 +86,19 @@ def test_merge_equals_unmerged_idempotent_and_unmerge_exact(model, batch):
     torch.testing.assert_close(logits(model, batch), hooked, rtol=0, atol=0)
 
 
-def test_unmerge_without_backup_is_close(model):
+def test_default_merge_keeps_no_backup_and_unmerge_subtracts(model):
     before = snapshot(model)
     inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
     randomize_adapters(inj)
-    inj.merge(exact_unmerge=False)
+    inj.merge()
+    assert inj._backups == {}  # no copy of W by default (gigabytes on a large base)
     inj.unmerge()
-    for k, v in model.state_dict().items():
+    for k, v in model.state_dict().items():  # fp32: a few ulps (see test_merge_dtypes.py)
         torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
+    inj.merge(exact_unmerge=True)  # opt-in: one copy per merged Linear, dropped on unmerge
+    assert set(inj._backups) == set(inj.adapters["default"].paths)
+    inj.unmerge()
+    assert inj._backups == {}
 
 
 def test_remove_restores_model_exactly(model, batch):
@@ -101,7 +106,7 @@ def test_remove_restores_model_exactly(model, batch):
     base = logits(model, batch)
     inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
     randomize_adapters(inj)
-    inj.merge(["default"])
+    inj.merge(["default"], exact_unmerge=True)
     inj.remove()
     assert all(not m._forward_hooks for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -125,7 +130,7 @@ def test_named_adapters_activate_scale_delete(model):
     inj.set_scale("a", 0.5)
     torch.testing.assert_close(linear(x), base + 0.5 * da + db)
     inj.set_scale("a", 1.0)
-    inj.merge(["a"])
+    inj.merge(["a"], exact_unmerge=True)
     torch.testing.assert_close(linear(x), base + da + db, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError):
         inj.set_scale("a", 2.0)
@@ -143,7 +148,7 @@ def test_merge_two_then_unmerge_one(model):
     inj = inject_lora(model, LoRAConfig(r=2, alpha=2, targets=("mlp.fc2",)), "a")
     inj.add_adapter("b", LoRAConfig(r=2, alpha=4, targets=("mlp.fc2",)))
     randomize_adapters(inj)
-    inj.merge()
+    inj.merge(exact_unmerge=True)
     inj.unmerge(["a"])
     lb = dict(inj.adapters["b"].items())[path]
     torch.testing.assert_close(model.get_submodule(path).weight, w0 + 2.0 * lb.B @ lb.A)
@@ -211,3 +216,134 @@ def test_gradient_checkpointing_gives_same_adapter_grads(batch):
     assert all(g.abs().sum() > 0 for g in grads[1])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# --- adapter state: active ⊇ merged, disabled(), device moves ------------------------------
+FC1 = "vision_model.encoder.layers.1.mlp.fc1"
+
+
+def _fc1_setup(model):
+    """Two adapters on one Linear, random deltas; returns (injection, linear, x, base output)."""
+    linear = model.get_submodule(FC1)
+    x = torch.randn(3, linear.in_features)
+    base = linear(x).detach()
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("mlp.fc1",)), "a")
+    inj.add_adapter("b", LoRAConfig(r=3, alpha=3, targets=("mlp.fc1",)), activate=False)
+    randomize_adapters(inj)
+    return inj, linear, x, base
+
+
+def _delta(inj, name, x):
+    layer = dict(inj.adapters[name].items())[FC1]
+    return layer.scale * x @ layer.A.T @ layer.B.T
+
+
+def test_deactivating_a_merged_adapter_unmerges_it(model):
+    inj, linear, x, base = _fc1_setup(model)
+    w0 = linear.weight.detach().clone()
+    inj.merge(exact_unmerge=True)
+    assert inj.merged == ["a"]
+    inj.set_active([])
+    assert inj.active == [] and inj.merged == []
+    assert torch.equal(linear.weight, w0) and torch.equal(linear(x), base)
+    inj.set_active(["a"])  # active again: hooked, not silently re-merged
+    assert inj.merged == [] and torch.equal(linear.weight, w0)
+    torch.testing.assert_close(linear(x), base + _delta(inj, "a", x))
+
+
+def test_merging_an_inactive_adapter_is_refused(model):
+    inj, linear, x, base = _fc1_setup(model)
+    w0 = linear.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"'b' is not active.*set_active"):
+        inj.merge(["b"])
+    assert inj.merged == [] and torch.equal(linear.weight, w0)
+    inj.set_active(["a", "b"])
+    inj.merge(["b"])
+    assert inj.merged == ["b"]
+    expected = base + _delta(inj, "a", x) + _delta(inj, "b", x)
+    torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_set_active_ignores_repeated_names(model):
+    inj, linear, x, base = _fc1_setup(model)
+    inj.set_active(["a", "a"])
+    assert inj.active == ["a"]
+    torch.testing.assert_close(linear(x), base + _delta(inj, "a", x))
+
+
+def _state(inj, linear):
+    params = {k: v.clone() for k, v in inj.state_dict().items()}
+    return inj.active[:], inj.merged[:], params, linear.weight.detach().clone()
+
+
+@pytest.mark.parametrize("merge", [None, "exact", "default"])
+def test_disabled_gives_base_outputs_then_restores(model, merge):
+    inj, linear, x, base = _fc1_setup(model)
+    inj.set_active(["a", "b"])
+    if merge:
+        inj.merge(["b"], exact_unmerge=merge == "exact")
+    active, merged, params, weight = _state(inj, linear)
+    before = linear(x).detach()
+    with inj.disabled():
+        if merge == "default":  # W - delta in fp32, one rounding: within a few fp32 ulps
+            torch.testing.assert_close(linear(x), base, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(linear(x), base)
+    after = _state(inj, linear)
+    assert after[:2] == (active, merged)
+    assert all(torch.equal(after[2][k], v) for k, v in params.items())
+    if merge == "default":
+        torch.testing.assert_close(after[3], weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(linear(x), before, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(after[3], weight) and torch.equal(linear(x), before)
+
+
+def test_disabled_restores_after_an_exception_and_undoes_changes_inside(model):
+    inj, linear, x, _ = _fc1_setup(model)
+    inj.merge(exact_unmerge=True)
+    active, merged, _, weight = _state(inj, linear)
+    before = linear(x).detach()
+    with pytest.raises(KeyError), inj.disabled():
+        inj.set_active(["b"])
+        inj.merge()
+        raise KeyError("boom")
+    assert (inj.active, inj.merged) == (active, merged)
+    assert torch.equal(linear.weight, weight) and torch.equal(linear(x), before)
+
+
+def test_model_to_dtype_after_injection_keeps_adapters_working(model):
+    inj, linear, _, _ = _fc1_setup(model)
+    model.to(torch.float64)  # adapters stay fp32 (their optimizer dtype) and compute in x's dtype
+    layer = dict(inj.adapters["a"].items())[FC1]
+    assert layer.A.dtype == torch.float32
+    x = torch.randn(3, linear.in_features, dtype=torch.float64)
+    expected = F.linear(x, linear.weight + layer.scale * layer.B.double() @ layer.A.double(),
+                        linear.bias)
+    torch.testing.assert_close(linear(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_model_moved_without_its_adapters_fails_clearly(model):
+    inj, linear, _, _ = _fc1_setup(model)
+    model.to("meta")  # any device but the adapters': the same check as cuda vs cpu
+    x = torch.empty(3, linear.in_features, device="meta")
+    with pytest.raises(RuntimeError, match=rf"{FC1}.*cpu.*meta.*injection\.to"):
+        linear(x)
+    with pytest.raises(RuntimeError, match=r"injection\.to"):
+        inj.merge()
+    assert inj.merged == []
+    inj.to("meta")
+    assert linear(x).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_cuda_then_injection_cuda(model, batch):
+    inj = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_adapters(inj)
+    expected = logits(model, batch)
+    model.cuda()
+    cuda_batch = {k: v.cuda() for k, v in batch.items()}
+    with pytest.raises(RuntimeError, match=r"injection\.to"):
+        logits(model, cuda_batch)
+    inj.cuda()
+    torch.testing.assert_close(logits(model, cuda_batch).cpu(), expected, rtol=1e-4, atol=1e-4)
