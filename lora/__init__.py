@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .adapter_file import (
     AdapterFileError,
+    NonFiniteAdapterError,
     base_fingerprint,
     load_adapter,
     read_metadata,
@@ -30,6 +31,7 @@ __all__ = [
     "LoRAConfig",
     "LoRAInjection",
     "LoRALinear",
+    "NonFiniteAdapterError",
     "QuantizedLinear",
     "base_fingerprint",
     "frozen_bytes",

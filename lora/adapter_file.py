@@ -4,7 +4,9 @@ Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weig
 fp32. Metadata (all strings, as safetensors requires):
   format="pt", lora_vlm_format=FORMAT_VERSION, config (LoRAConfig JSON), modules (JSON
   {path: [r, alpha]}), base_model, base_fingerprint, versions (JSON), plus caller extras.
-Loading checks everything before it touches the model, so a bad file changes nothing.
+Loading checks everything before it touches the model, so a bad file changes nothing: the
+metadata's types and values (r a positive int, alpha finite, dropout in [0, 1)), every key and
+shape, and that every tensor is finite. Saving refuses a non-finite adapter.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, check_alpha, check_rank
 from .injection import AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
 from .targets import linear_modules
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 class AdapterFileError(ValueError):
     """An adapter file that cannot be loaded into this model; the message names file and key."""
+
+
+class NonFiniteAdapterError(ValueError):
+    """An adapter holding NaN or inf, refused on save; the message names the tensor."""
 
 
 def _logical_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -85,11 +92,17 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
 
 
 def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their file keys, contiguous fp32 copies."""
+    """The adapter's tensors under their file keys, contiguous fp32 copies; all finite, or
+    NonFiniteAdapterError naming the first tensor that is not (such a file loads nowhere)."""
     state = {}
     for path, layer in injection._get(name).items():
-        state[f"{path}.lora_A.weight"] = layer.A.detach().float().contiguous().cpu()
-        state[f"{path}.lora_B.weight"] = layer.B.detach().float().contiguous().cpu()
+        for ab, param in (("A", layer.A), ("B", layer.B)):
+            key = f"{path}.lora_{ab}.weight"
+            if not torch.isfinite(param).all():
+                raise NonFiniteAdapterError(
+                    f"adapter {name!r}: {key} holds {int((~torch.isfinite(param)).sum())} "
+                    "NaN/inf values; refusing to write it (the run diverged?)")
+            state[key] = param.detach().float().contiguous().cpu()
     return state
 
 
@@ -146,7 +159,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
                    tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Keys exactly match ``spec``; every path is a Linear of the model; shapes fit it."""
+    """Keys exactly match ``spec``; every path is a Linear of the model; shapes fit it; every
+    tensor is floating point and finite."""
     if not spec:
         raise AdapterFileError(f"{source}: holds no adapter modules")
     expected = {f"{p}.lora_{ab}.weight" for p in spec for ab in "AB"}
@@ -170,6 +184,37 @@ def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
                     f"needs {shape} (wrong base model?)")
             if not tensors[key].is_floating_point():
                 raise AdapterFileError(f"{source}: key {key!r} has dtype {tensors[key].dtype}")
+            bad = int((~torch.isfinite(tensors[key])).sum())
+            if bad:
+                raise AdapterFileError(f"{source}: key {key!r} holds {bad} NaN/inf values")
+
+
+def _metadata_json(meta: Mapping[str, str], key: str, source: str) -> dict[str, Any]:
+    """The JSON value of metadata ``key``, which must be an object."""
+    try:
+        value = json.loads(meta[key])
+    except KeyError:
+        raise AdapterFileError(f"{source}: bad adapter metadata: no key {key!r}") from None
+    except ValueError as e:
+        raise AdapterFileError(f"{source}: bad adapter metadata {key!r}: not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{source}: bad adapter metadata {key!r}: expected a JSON "
+                               f"object, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _parse_spec(modules: dict, source: str) -> AdapterSpec:
+    """{path: [r, alpha]} with r a positive int and alpha finite, checked entry by entry."""
+    spec = {}
+    for path, value in modules.items():
+        try:
+            if not isinstance(value, list) or len(value) != 2:
+                raise ValueError(f"expected [r, alpha], got {value!r}")
+            spec[path] = (check_rank(value[0]), check_alpha(value[1]))
+        except ValueError as e:
+            raise AdapterFileError(
+                f"{source}: bad adapter metadata 'modules', entry {path!r}: {e}") from e
+    return spec
 
 
 def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, AdapterSpec]:
@@ -178,12 +223,12 @@ def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, A
         hint = " (a PEFT file? use lora.load_peft on its directory)" if version is None else ""
         raise AdapterFileError(
             f"{source}: adapter format version {version!r}, expected {FORMAT_VERSION!r}{hint}")
+    config = _metadata_json(meta, "config", source)
     try:
-        config = LoRAConfig.from_dict(json.loads(meta["config"]))
-        spec = {p: (int(r), float(a)) for p, (r, a) in json.loads(meta["modules"]).items()}
-    except (KeyError, ValueError, TypeError) as e:
-        raise AdapterFileError(f"{source}: bad adapter metadata ({e!r})") from e
-    return config, spec
+        config = LoRAConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise AdapterFileError(f"{source}: bad adapter metadata 'config': {e}") from e
+    return config, _parse_spec(_metadata_json(meta, "modules", source), source)
 
 
 def load_adapter(

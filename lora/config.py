@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from typing import Any
+
+
+def check_rank(r: Any, what: str = "r") -> int:
+    """``r`` if it is a positive int (bools and 2.0 are not), else ValueError naming ``what``."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {r!r}")
+    return r
+
+
+def check_alpha(alpha: Any, what: str = "alpha") -> float:
+    """``alpha`` as a float if it is a finite number, else ValueError naming ``what``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"{what} must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def check_dropout(p: Any, what: str = "dropout") -> float:
+    """``p`` as a float if it is a number in [0, 1), else ValueError naming ``what``."""
+    if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {p!r}")
+    return float(p)
 
 
 @dataclass
@@ -24,12 +47,20 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        if self.r <= 0 or any(r <= 0 for r in self.rank_pattern.values()):
-            raise ValueError(f"LoRA ranks must be positive: r={self.r}, {self.rank_pattern}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ValueError("targets is empty: name a preset, a module suffix or a 're:' regex")
+        check_rank(self.r)
+        check_alpha(self.alpha)
+        check_dropout(self.dropout)
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        if not self.targets or not all(isinstance(t, str) for t in self.targets):
+            raise ValueError(f"targets must be non-empty strings (a preset, a module suffix or "
+                             f"a 're:' regex), got {list(self.targets)}")
+        for name, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict):
+                raise ValueError(f"{name} must map patterns to values, got {patterns!r}")
+            for pattern, value in patterns.items():
+                check(value, f"{name}[{pattern!r}]")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (targets as a list)."""

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_alpha, check_dropout, check_rank
+
 
 class LoRALinear(nn.Module):
     """Computes only the delta ``scale · dropout(x) Aᵀ Bᵀ`` for a Linear of shape (out, in).
@@ -29,12 +31,10 @@ class LoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got r={r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        check_rank(r, "LoRA rank r")
+        check_dropout(dropout, "LoRA dropout")
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.alpha, self.rslora = float(alpha), rslora
+        self.alpha, self.rslora = check_alpha(alpha, "LoRA alpha"), rslora
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
         self.B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=torch.float32))
         self.dropout = dropout

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from lora import (
     AdapterFileError,
     LoRAConfig,
+    NonFiniteAdapterError,
     inject_lora,
     load_adapter,
     read_metadata,
@@ -77,8 +78,25 @@ def _rewrite(path, out, drop=None, add=None, meta_update=None):
     return out
 
 
+def _snapshot(model):
+    """Everything a failed load must leave alone: weights, requires_grad flags, hooks."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            sum(len(m._forward_hooks) for m in model.modules()))
+
+
+def _assert_unchanged(model, before):
+    state, flags, hooks = _snapshot(model)
+    assert flags == before[1]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(v, before[0][k]) for k, v in state.items())
+    assert hooks == before[2]
+
+
 def _assert_untouched(model):
+    """A fresh tiny_blip after a failed load: no hooks, every parameter still trainable."""
     assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_wrong_base_shape_mismatch(saved):
@@ -119,12 +137,114 @@ def test_failed_load_into_injection_changes_nothing(saved, tmp_path, batch):
     path, *_ = saved
     model = tiny_blip()
     inj = load_adapter(model, path, name="good")
+    before, adapters = _snapshot(model), {k: v.clone() for k, v in inj.state_dict().items()}
     bad = _rewrite(path, tmp_path / "bad.safetensors", meta_update={"lora_vlm_format": "0"})
     with pytest.raises(AdapterFileError):
         load_adapter(inj, bad)
     assert list(inj.adapters) == ["good"] and inj.active == ["good"]
     with pytest.raises(ValueError, match="already exists"):
         load_adapter(inj, path, name="good")
+    _assert_unchanged(model, before)
+    assert all(torch.equal(v, adapters[k]) for k, v in inj.state_dict().items())
+
+
+# --- metadata and tensors that lie: AdapterFileError naming file and key, model unchanged ---
+FC1 = "vision_model.encoder.layers.0.mlp.fc1"
+
+
+def _lying_files(path, tmp_path):
+    """{(file, key the error must name): ...} for metadata and tensors a file must not carry."""
+    meta = read_metadata(path)
+    modules, config = json.loads(meta["modules"]), json.loads(meta["config"])
+
+    def modules_with(value):
+        return {"modules": json.dumps({**modules, FC1: value})}
+
+    def config_with(**kw):
+        return {"config": json.dumps({**config, **kw})}
+
+    a_key, b_key = f"{FC1}.lora_A.weight", f"{FC1}.lora_B.weight"
+    nan_a = torch.zeros(4, 48)
+    nan_a[1, 2] = float("nan")
+    inf_b = torch.zeros(64, 4)
+    inf_b[0, 0] = float("-inf")
+    cases = {
+        "modules_list": ({"modules": json.dumps(list(modules.items()))}, None, "'modules'"),
+        "modules_null": ({"modules": "null"}, None, "'modules'"),
+        "modules_not_json": ({"modules": "{oops"}, None, "'modules'"),
+        "r_zero": (modules_with([0, 8.0]), None, FC1),
+        "r_zero_with_empty_tensors": (modules_with([0, 8.0]),
+                                      {a_key: torch.zeros(0, 48), b_key: torch.zeros(64, 0)}, FC1),
+        "r_negative": (modules_with([-4, 8.0]), None, FC1),
+        "r_float": (modules_with([2.5, 8.0]), None, FC1),
+        "r_bool": (modules_with([True, 8.0]), None, FC1),
+        "alpha_nan": (modules_with([4, float("nan")]), None, FC1),
+        "alpha_inf": (modules_with([4, float("inf")]), None, FC1),
+        "alpha_string": (modules_with([4, "8"]), None, FC1),
+        "entry_not_a_pair": (modules_with([4]), None, FC1),
+        "config_r_zero": (config_with(r=0), None, "'config'"),
+        "config_alpha_nan": (config_with(alpha=float("nan")), None, "'config'"),
+        "config_dropout": (config_with(dropout=1.5), None, "'config'"),
+        "config_list": ({"config": "[1, 2]"}, None, "'config'"),
+        "config_patterns_list": (config_with(rank_pattern=[1]), None, "'config'"),
+        "config_targets_numbers": (config_with(targets=[1, 2]), None, "'config'"),
+        "tensor_nan": (None, {a_key: nan_a}, a_key),
+        "tensor_inf": (None, {b_key: inf_b}, b_key),
+    }
+    return {name: (_rewrite(path, tmp_path / f"{name}.safetensors", add=add, meta_update=meta),
+                   key) for name, (meta, add, key) in cases.items()}
+
+
+def test_lying_files_are_refused_before_touching_a_fresh_model(saved, tmp_path):
+    path, *_ = saved
+    for name, (bad, key) in _lying_files(path, tmp_path).items():
+        model = tiny_blip()
+        before = _snapshot(model)
+        with pytest.raises(AdapterFileError) as err:
+            load_adapter(model, bad)
+        assert str(bad) in str(err.value) and key in str(err.value), (name, str(err.value))
+        _assert_unchanged(model, before)
+        _assert_untouched(model)
+
+
+def test_lying_files_are_refused_before_touching_an_injection(saved, tmp_path):
+    path, *_ = saved
+    model = tiny_blip()
+    inj = load_adapter(model, path, name="good")
+    inj.merge()
+    before, adapters = _snapshot(model), {k: v.clone() for k, v in inj.state_dict().items()}
+    for name, (bad, key) in _lying_files(path, tmp_path).items():
+        with pytest.raises(AdapterFileError) as err:
+            load_adapter(inj, bad)
+        assert str(bad) in str(err.value) and key in str(err.value), (name, str(err.value))
+        assert (list(inj.adapters), inj.active, inj.merged) == (["good"], ["good"], ["good"]), name
+        _assert_unchanged(model, before)
+        assert all(torch.equal(v, adapters[k]) for k, v in inj.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_adapters(value, tmp_path):
+    inj = inject_lora(tiny_blip(), CFG)
+    randomize_adapters(inj)
+    layer = dict(inj.adapters["default"].items())[FC1]
+    with torch.no_grad():
+        layer.B[3, 1] = value
+    out = tmp_path / "adapter.safetensors"
+    with pytest.raises(NonFiniteAdapterError, match=rf"{FC1}\.lora_B\.weight"):
+        save_adapter(inj, out)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+    assert issubclass(NonFiniteAdapterError, ValueError)
+
+
+@pytest.mark.parametrize("kw", [
+    {"r": 0}, {"r": 2.5}, {"r": True}, {"alpha": float("nan")}, {"alpha": float("inf")},
+    {"alpha": "8"}, {"dropout": 1.0}, {"dropout": float("nan")}, {"rank_pattern": {"qkv": 0}},
+    {"rank_pattern": [("qkv", 2)]}, {"alpha_pattern": {"qkv": float("inf")}},
+    {"targets": (1,)}, {"rslora": "yes"},
+])
+def test_config_refuses_bad_values(kw):
+    with pytest.raises(ValueError):
+        LoRAConfig(**kw)
 
 
 def test_fingerprint_mismatch_warns(saved, caplog):

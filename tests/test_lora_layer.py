@@ -67,7 +67,8 @@ def test_computes_in_input_dtype_params_stay_fp32():
         assert layer(x).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kw", [{"r": 0}, {"dropout": 1.0}, {"dropout": -0.1}])
+@pytest.mark.parametrize("kw", [{"r": 0}, {"r": 2.5}, {"dropout": 1.0}, {"dropout": -0.1},
+                                {"alpha": float("nan")}, {"alpha": float("inf")}])
 def test_bad_hyperparameters_raise(kw):
     with pytest.raises(ValueError):
         LoRALinear(4, 4, **{"r": 2, "alpha": 4, **kw})
