@@ -13,16 +13,23 @@ every process trains on its share of each batch (DDP over the adapters), rank 0 
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers sleep instead of spin-waiting, so one busy
+# process on another core does not slow this one several-fold (bench/bench_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-import os
+import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +70,11 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from training.errors import RunError, exit_on_user_errors
+from training.metrics_log import MetricsLog, truncate_to
+from training.run_dir import LOCK_NAME, clean_stale_temporaries, lock_run_dir
 from training.schedule import make_scheduler
+from training.signals import graceful_interrupts
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -71,14 +82,13 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = {"caption": ("annotations.jsonl", "annotations_test.jsonl"),
                 "vqa": ("vqa_train.jsonl", "vqa_test.jsonl")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Settings a resumed run must share with the run it continues (others, like threads, may vary).
-RESUME_KEYS = ("model", "task", "train_file", "val_file", "val_fraction", "r", "alpha", "dropout",
-               "rslora", "targets", "rank_pattern", "alpha_pattern", "epochs", "batch_size",
-               "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
-               "seed", "prompt", "label_smoothing", "base_dtype", "world_size", "quantize",
-               "double_quant")
-# for checkpoints written before the key existed
-RESUME_DEFAULTS = {"world_size": 1, "quantize": "none", "double_quant": True}
+# Settings a resumed run may change: where and how fast it runs, what it reports at the end.
+# Every other flag, and the derived settings below, change the adapters the run ends with and
+# must match the checkpoint's (a flag added later is compared without anyone listing it).
+MAY_CHANGE_ON_RESUME = frozenset({
+    "device", "threads", "num_workers", "output_dir", "resume", "stop_after_steps", "save_every",
+    "keep_checkpoints", "eval_file", "num_beams", "eval_base"})
+DERIVED_SETTINGS = ("amp_dtype", "grad_scaler", "world_size", "train_samples", "val_samples")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -199,16 +209,22 @@ def parse_patterns(items: list[str], kind: type) -> dict[str, Any]:
     for item in items:
         pattern, sep, value = item.rpartition("=")
         if not sep or not pattern:
-            raise SystemExit(f"bad pattern override {item!r}: expected PATTERN=VALUE")
+            raise RunError(f"bad pattern override {item!r}: expected PATTERN=VALUE")
         out[pattern] = kind(value)
     return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to use a GradScaler)."""
-    if precision == "auto":
-        # CPU bf16 autocast ran 8x slower than fp32 on a 2-core x86 without native bf16.
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    """(autocast dtype or None, whether to use a GradScaler).
+
+    auto: bf16 on GPUs that support it natively (fp16 overflows in T5's activations, which
+    GradScaler cannot catch, and needs the scaler at all), fp16 + GradScaler on older GPUs, fp32
+    on CPU (bf16 autocast ran 8x slower than fp32 on a 2-core x86 without native bf16)."""
+    if precision == "auto" and device.type == "cuda":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "bf16" if native_bf16 else "fp16"
+    elif precision == "auto":
+        precision = "fp32"
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return dtype, dtype == torch.float16
 
@@ -221,20 +237,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
-    """The explicit --output-dir, or the first free runs/<task>-lora[-N]."""
-    if args.output_dir:
-        return Path(args.output_dir)
-    base = ROOT / "runs" / f"{task}-lora"
-    if args.resume == "auto":
-        return base
-    for n in itertools.count(1):
-        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        if not out.exists():
-            return out
-    raise AssertionError
 
 
 def load_samples(task: Task, path: str, args: argparse.Namespace) -> list:
@@ -295,7 +297,7 @@ def validation_loss(task: Task, model, loader, device, amp_dtype) -> float:
         total, count = total + loss.item(), count + n
     model.train()
     total, count = distributed.sum_across_ranks([total, count], device)
-    return total / max(count, 1)
+    return total / count if count else math.nan  # NaN: never the best, never 0/0
 
 
 def exact_match_report(task: Task, samples, args, amp_dtype, device) -> dict[str, float]:
@@ -319,21 +321,63 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    with distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
+    with exit_on_user_errors("train.py"), \
+            distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
         return run(args, device)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop needs, built once by ``build_run``; ``pos`` moves on as it trains."""
+
+    args: argparse.Namespace
+    device: torch.device
+    task: Task
+    injection: LoRAInjection
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    adapter_loss: torch.nn.Module  # one micro-batch -> (summed token loss, targets); DDP-wrapped
+    train_set: TaskDataset
+    val_loader: DataLoader | None
+    out_dir: Path
+    config: dict[str, Any]  # run_config.json
+    adapter_meta: dict[str, str]
+    amp_dtype: torch.dtype | None
+    pos: Position
+    metrics: MetricsLog
+    bar: tqdm
+    window_rng: dict[str, Any] = dataclasses.field(default_factory=rng_state)
+    t0: float = dataclasses.field(default_factory=time.time)
+    main_rank: bool = True  # the one process that logs and writes files
+    world: int = 1
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.injection.adapter_parameters("default")
+
+    def checkpoint(self, rng: dict[str, Any], sync: bool = True) -> Path:
+        """Save the adapters and the training state at ``pos`` (rank 0); returns the folder."""
+        folder = self.out_dir / "checkpoints" / f"step-{self.pos.step:06d}"
+        if self.main_rank:  # every rank holds the same adapters and optimizer state after a step
+            state = {"optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rng, "run": self.config}
+            save_checkpoint(folder, self.injection, state, self.pos, self.adapter_meta,
+                            keep=self.args.keep_checkpoints)
+        if sync:
+            distributed.barrier()  # no rank runs ahead, or exits, while rank 0 writes
+        return folder
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Path:
     """main()'s training run on ``device``: this process's share when several run."""
-    rank, world = distributed.rank_and_world()
-    main_rank = rank == 0  # the one process that logs and writes files
+    main_rank = distributed.rank_and_world()[0] == 0
     if not main_rank:  # errors only, and no progress bars (transformers' included)
         logging.getLogger().setLevel(logging.WARNING)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    amp_dtype, use_scaler = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
-
     args.model = args.model or DEFAULT_MODELS["vqa" if args.task == "vqa" else "caption"]
     model, processor, task_name = load_model(
         args.model, None if args.task == "auto" else args.task, dtype=DTYPES[args.base_dtype],
@@ -345,19 +389,62 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
     train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
     args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file
     out_dir = choose_output_dir(args, task_name)
-    resume_dir = None
-    if args.resume:
-        resume_dir = latest_checkpoint(out_dir) if args.resume == "auto" else Path(args.resume)
-        if resume_dir is None:
-            raise SystemExit(f"--resume auto: no checkpoint under {out_dir / 'checkpoints'}")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise SystemExit(f"{out_dir} is not empty: pass --resume auto to continue that run, "
-                         "or choose another --output-dir")
-    distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
-    if main_rank:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if main_rank:  # held until the run ends; a second run on out_dir stops with a message
+            stack.enter_context(lock_run_dir(out_dir))
+            for path in clean_stale_temporaries(out_dir):
+                log.info("removed %s, left by an interrupted write", path)
+        resume_dir = find_resume_dir(args, out_dir)
+        distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
+        state = build_run(args, device, model, task, out_dir, resume_dir)
+        stack.callback(state.metrics.close)
+        stack.callback(state.bar.close)
+        stopped = train_epochs(state)
+        if stopped:
+            return stopped / ADAPTER
+        return finish(state)
 
-    # Data: samples -> seeded train/val split -> loaders (the order is ours, per epoch).
+
+def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
+    """--output-dir; the run folder of an explicit --resume checkpoint; else runs/<task>-lora,
+    numbered if taken (unnumbered with --resume auto)."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.resume and args.resume != "auto":
+        return Path(args.resume).resolve().parent.parent  # <run>/checkpoints/step-NNNNNN
+    base = ROOT / "runs" / f"{task}-lora"
+    if args.resume == "auto":
+        return base
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not out.exists():
+            return out
+    raise AssertionError
+
+
+def find_resume_dir(args: argparse.Namespace, out_dir: Path) -> Path | None:
+    """The checkpoint to continue from, None to start afresh; refuses to overwrite a run."""
+    if args.resume == "auto":
+        found = latest_checkpoint(out_dir)
+        if found is None and distributed.is_main():
+            log.warning("--resume auto: no checkpoint under %s yet: starting from scratch",
+                        out_dir / "checkpoints")
+        return found
+    if args.resume:
+        return Path(args.resume)
+    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise RunError(f"{out_dir} is not empty: pass --resume auto to continue that run (or "
+                       "to start it over if it never reached a checkpoint), or choose another "
+                       "--output-dir")
+    return None
+
+
+def build_run(args: argparse.Namespace, device: torch.device, model, task: Task, out_dir: Path,
+              resume_dir: Path | None) -> Run:
+    """Data, adapters (fresh or resumed), optimizer, schedule and logs of a run."""
+    rank, world = distributed.rank_and_world()
+    amp_dtype, use_scaler = resolve_precision(args.precision, device)
+    # Data: samples -> seeded train/val split -> datasets (the order is ours, per epoch).
     train_samples = load_samples(task, args.train_file, args)
     if args.val_file:
         val_samples = load_samples(task, args.val_file, args)
@@ -368,160 +455,214 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
     train_set = TaskDataset(train_samples, task)
     # Each rank scores every world-th validation sample; validation_loss sums over ranks.
     val_loader = DataLoader(TaskDataset(val_samples[rank::world], task),
-                            batch_size=args.eval_batch_size,
-                            collate_fn=task.collate, num_workers=args.num_workers,
-                            generator=quiet_rng())
+                            batch_size=args.eval_batch_size, collate_fn=task.collate,
+                            num_workers=args.num_workers, generator=quiet_rng())
 
-    # Adapters: fresh (seeded) or from the checkpoint being resumed.
     lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
                           targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                           rank_pattern=parse_patterns(args.rank_pattern, int),
                           alpha_pattern=parse_patterns(args.alpha_pattern, float))
+    # A damaged checkpoint fails here, in load_state, before the model changes.
+    state, pos = load_state(resume_dir) if resume_dir else (None, Position())
     if resume_dir:
         injection = load_adapter(model, resume_dir / ADAPTER, name="default")
     else:
         injection = inject_lora(model, lora_cfg)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    params = injection.adapter_parameters("default")
-    # One micro-batch's (summed token loss, target count); under torchrun, DDP over the adapters.
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
         task, model, batch, device, amp_dtype, args.label_smoothing)), device)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(injection.adapter_parameters("default"), lr=args.lr,
+                                  weight_decay=args.weight_decay)
     n_micro = -(-len(train_set) // (args.batch_size * world))  # global micro-batches per epoch
     total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    run_config = {**vars(args), "task": task_name, "output_dir": str(out_dir),
-                  "device": str(device), "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
-                  "world_size": world, "total_steps": total_steps,
-                  "global_batch": args.batch_size * args.grad_accum * world,
-                  "train_samples": len(train_samples), "val_samples": len(val_samples),
-                  "git_commit": git_commit(), "versions": library_versions()}
-    pos = Position()
-    if resume_dir:
-        state, pos = load_state(resume_dir)
-        saved = {k: state["run"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-        diff = {k: (saved[k], run_config[k]) for k in RESUME_KEYS if saved[k] != run_config[k]}
-        if diff:
-            raise SystemExit(f"cannot resume {resume_dir}: settings differ (saved, now): {diff}")
+    config = {**vars(args), "task": task.name, "output_dir": str(out_dir),
+              "device": str(device), "amp_dtype": str(amp_dtype), "grad_scaler": use_scaler,
+              "world_size": world, "total_steps": total_steps,
+              "global_batch": args.batch_size * args.grad_accum * world,
+              "train_samples": len(train_samples), "val_samples": len(val_samples),
+              "git_commit": git_commit(), "versions": library_versions()}
+    if state is not None:
+        check_resume_settings(state["run"], config, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", resume_dir, pos.step, pos.epoch)
-    if main_rank:
-        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    adapter_meta = {"base_model": args.model, "task": task_name, "prompt": args.prompt,
+    metrics_path = out_dir / "metrics.jsonl"
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # Records past the checkpoint (a crash, an older --resume) are replayed: log them once.
+        if dropped := truncate_to(metrics_path, pos.step, pos.epoch):
+            log.info("metrics.jsonl: %d records after step %d dropped (they are replayed)",
+                     dropped, pos.step)
+    adapter_meta = {"base_model": args.model, "task": task.name, "prompt": args.prompt,
                     "trained_on_quantization": args.quantize}
     log.info("%s | %d train / %d val samples | global batch %d (%d per process × %d accumulated "
              "× %d processes) | %d optimizer steps | %s", injection.describe(), len(train_samples),
-             len(val_samples), run_config["global_batch"], args.batch_size, args.grad_accum, world,
+             len(val_samples), config["global_batch"], args.batch_size, args.grad_accum, world,
              total_steps, f"autocast {amp_dtype}")
+    return Run(args, device, task, injection, optimizer, scheduler, scaler, adapter_loss,
+               train_set, val_loader if val_samples else None, out_dir, config, adapter_meta,
+               amp_dtype, pos, MetricsLog(metrics_path, enabled=distributed.is_main()),
+               tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
+                    disable=not distributed.is_main()),
+               main_rank=distributed.is_main(), world=world)
 
-    def checkpoint(rng: dict, sync: bool = True) -> None:
-        if main_rank:  # every rank holds the same adapters and optimizer state after a step
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng, "run": run_config}
-            save_checkpoint(out_dir / "checkpoints" / f"step-{pos.step:06d}", injection, state,
-                            pos, adapter_meta, keep=args.keep_checkpoints)
-        if sync:
-            distributed.barrier()  # no rank runs ahead, or exits, while rank 0 writes
 
-    metrics = (out_dir / "metrics.jsonl" if main_rank else Path(os.devnull)).open("a")
-    bar = tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
-               disable=not main_rank)
-    window_rng = rng_state()  # RNG state at the start of the current (or next) window
-    model.train()
-    t0 = time.time()
-    try:
-        for epoch in range(pos.epoch, args.epochs):
-            batches = rank_batches(len(train_set), args.batch_size, args.seed, epoch)
-            start = pos.micro if epoch == pos.epoch else 0
-            loader = iter(DataLoader(train_set, batch_sampler=[b for b in batches[start:] if b],
-                                     collate_fn=task.collate,
-                                     num_workers=args.num_workers, generator=quiet_rng()))
-            for window in windows(len(batches), args.grad_accum):
-                if window.start < start:
-                    continue
-                window_rng = rng_state()
-                if world > 1:
-                    distributed.seed_step(args.seed, pos.step)
-                micro = [next(loader) if batches[i] else None for i in window]  # None: no share
-                # The window's target tokens on all ranks: the denominator of the exact mean.
-                n_tokens = sum(task.count_targets(b) for b in micro if b is not None)
-                n_tokens = distributed.sum_across_ranks([n_tokens], device)[0]
-                loss_total = 0.0
-                for i, batch in enumerate(micro):  # each weighs its share of the window's tokens
-                    # DDP all-reduces once per window, in the last micro-batch's backward, and
-                    # averages over ranks: × world turns that average into the sum over ranks.
-                    with distributed.no_sync(adapter_loss, skip=i < len(micro) - 1):
-                        loss_sum, _ = adapter_loss(batch)
-                        scaler.scale(loss_sum * world / n_tokens).backward()
-                    loss_total += loss_sum.item()
-                loss_total = distributed.sum_across_ranks([loss_total], device)[0]
-                scaler.unscale_(optimizer)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                             if args.max_grad_norm > 0 else torch.tensor(0.0))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                pos = dataclasses.replace(pos, step=pos.step + 1, epoch=epoch, micro=window.stop)
-                window_rng = rng_state()  # between windows: the state the next one starts from
-                loss = loss_total / n_tokens
-                metrics.write(json.dumps({"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr,
-                                          "grad_norm": float(grad_norm),
-                                          "time": round(time.time() - t0, 3)}) + "\n")
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                if args.save_every and pos.step % args.save_every == 0:
-                    checkpoint(rng_state())
-                if args.stop_after_steps and pos.step >= args.stop_after_steps:
-                    checkpoint(rng_state())
-                    log.info("stopped after %d steps; resume with --resume %s", pos.step,
-                             out_dir / "checkpoints" / f"step-{pos.step:06d}")
-                    return out_dir / "checkpoints" / f"step-{pos.step:06d}" / ADAPTER
-            pos = dataclasses.replace(pos, epoch=epoch + 1, micro=0)
-            record: dict[str, Any] = {"step": pos.step, "epoch": epoch}
-            if val_samples:
-                record["val_loss"] = validation_loss(task, model, val_loader, device, amp_dtype)
-                if record["val_loss"] < pos.best_val:  # the same all-reduced value on every rank
-                    pos = dataclasses.replace(pos, best_val=record["val_loss"])
-                    if main_rank:
-                        save_adapter(injection, out_dir / "best.safetensors",
-                                     base_model=args.model, extra=adapter_meta)
-                if main_rank:
-                    bar.write(f"epoch {epoch}: val loss {record['val_loss']:.4f}")
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            checkpoint(rng_state())
-    except KeyboardInterrupt:
-        # A resumed run replays an interrupted window from its start. No barrier: under torchrun
-        # every rank got the SIGINT and the others may be gone already.
-        checkpoint(window_rng, sync=False)
-        bar.close()
-        if main_rank:
-            log.warning("interrupted: checkpoint at step %d saved; continue with --resume auto "
-                        "--output-dir %s", pos.step, out_dir)
-        raise SystemExit(130) from None
-    finally:
-        metrics.close()
-    bar.close()
+def check_resume_settings(saved: dict[str, Any], now: dict[str, Any], resume_dir: Path) -> None:
+    """Refuse to continue a run whose result-changing settings differ from the checkpoint's."""
+    defaults = vars(parse_args([]))  # a setting the saved run predates had its default value
+    keys = [k for k in (*defaults, *DERIVED_SETTINGS) if k not in MAY_CHANGE_ON_RESUME]
+    diff = {k: (saved.get(k, defaults.get(k)), now[k]) for k in keys
+            if saved.get(k, defaults.get(k)) != now[k]}
+    if diff:
+        listing = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+        raise RunError(f"cannot resume {resume_dir}: settings differ ({listing}); pass the "
+                       "settings of the run it continues, or start a new run")
 
-    final = out_dir / ADAPTER
-    if main_rank:
-        save_adapter(injection, final, base_model=args.model, extra=adapter_meta)
-        plot_curves(out_dir / "metrics.jsonl")
-        log.info("trained %d steps in %.1f s; adapter saved to %s", pos.step, time.time() - t0,
-                 final)
+
+def train_epochs(run: Run) -> Path | None:
+    """Train until the last epoch ends; returns the checkpoint folder if --stop-after-steps
+    stopped it first. Ctrl-C or SIGTERM checkpoints the last finished step and exits 130/143."""
+    args = run.args
+    run.injection.model.train()
+    with graceful_interrupts() as interrupts:  # SIGTERM too; a second signal leaves at once
+        try:
+            for epoch in range(run.pos.epoch, args.epochs):
+                batches = rank_batches(len(run.train_set), args.batch_size, args.seed, epoch)
+                start = run.pos.micro if epoch == run.pos.epoch else 0
+                loader = iter(DataLoader(run.train_set,
+                                         batch_sampler=[b for b in batches[start:] if b],
+                                         collate_fn=run.task.collate,
+                                         num_workers=args.num_workers, generator=quiet_rng()))
+                for window in windows(len(batches), args.grad_accum):
+                    if window.start < start:
+                        continue
+                    run.window_rng = rng_state()
+                    micro = [next(loader) if batches[i] else None for i in window]  # None: no share
+                    optimizer_step(run, epoch, micro, window.stop)
+                    run.window_rng = rng_state()  # between windows: where the next one starts
+                    if args.save_every and run.pos.step % args.save_every == 0:
+                        run.checkpoint(rng_state())
+                    if args.stop_after_steps and run.pos.step >= args.stop_after_steps:
+                        folder = run.checkpoint(rng_state())
+                        log.info("stopped after %d steps; resume with --resume %s",
+                                 run.pos.step, folder)
+                        return folder
+                end_of_epoch(run, epoch)
+        except KeyboardInterrupt:
+            # A resumed run replays an interrupted window from its start. No barrier: under
+            # torchrun every rank got the signal and the others may be gone already.
+            run.checkpoint(run.window_rng, sync=False)
+            run.bar.close()
+            if run.main_rank:
+                log.warning("interrupted: checkpoint at step %d saved; continue with --resume "
+                            "auto --output-dir %s", run.pos.step, run.out_dir)
+            raise SystemExit(interrupts.exit_code) from None
+    return None
+
+
+def optimizer_step(run: Run, epoch: int, micro: list[dict | None], micro_end: int) -> None:
+    """One accumulation window: exact token-mean gradient, clip, AdamW step, schedule, log."""
+    world = run.world
+    if world > 1:
+        distributed.seed_step(run.args.seed, run.pos.step)
+    # The window's target tokens on all ranks: the denominator of the exact mean.
+    n_tokens = sum(run.task.count_targets(b) for b in micro if b is not None)
+    n_tokens = distributed.sum_across_ranks([n_tokens], run.device)[0]
+    lr = run.scheduler.get_last_lr()[0]
+    record: dict[str, Any]
+    if n_tokens == 0:  # every target masked or truncated away: nothing to learn, no 0/0
+        log.warning("step %d (epoch %d): no target tokens in this window (all masked or "
+                    "truncated): skipped", run.pos.step + 1, epoch)
+        record = {"loss": None, "lr": lr, "grad_norm": None, "skipped": "no target tokens"}
+    else:
+        loss_total = 0.0
+        for i, batch in enumerate(micro):  # each weighs its share of the window's tokens
+            # DDP all-reduces once per window, in the last micro-batch's backward, and averages
+            # over ranks: × world turns that average into the sum over ranks.
+            with distributed.no_sync(run.adapter_loss, skip=i < len(micro) - 1):
+                loss_sum, _ = run.adapter_loss(batch)
+                run.scaler.scale(loss_sum * world / n_tokens).backward()
+            loss_total += loss_sum.item()
+        loss = distributed.sum_across_ranks([loss_total], run.device)[0] / n_tokens
+        run.scaler.unscale_(run.optimizer)
+        grads = [p.grad for p in run.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if not run.scaler.is_enabled() and not (math.isfinite(loss) and grad_norm.isfinite()):
+            stop_on_non_finite(run, epoch, loss, float(grad_norm))
+        if run.args.max_grad_norm > 0:  # as clip_grad_norm_, reusing the norm just computed
+            torch.nn.utils.clip_grads_with_norm_(run.params, run.args.max_grad_norm, grad_norm)
+        run.scaler.step(run.optimizer)  # with fp16, GradScaler skips steps with inf/NaN grads
+        run.scaler.update()
+        record = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first window: the schedule still moves on
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+        run.scheduler.step()
+    run.pos = dataclasses.replace(run.pos, step=run.pos.step + 1, epoch=epoch, micro=micro_end)
+    run.metrics.write({"step": run.pos.step, "epoch": epoch, **record,
+                       "time": round(time.time() - run.t0, 3)})
+    run.bar.update()
+    if record["loss"] is not None:
+        run.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+
+
+def stop_on_non_finite(run: Run, epoch: int, loss: float, grad_norm: float) -> None:
+    """Stop before a NaN/inf update reaches the adapters; the last checkpoint stays the last."""
+    last = latest_checkpoint(run.out_dir)
+    keep = (f"the last good checkpoint is {last} (--resume auto continues from it)" if last
+            else "no checkpoint was written yet")
+    raise RunError(f"step {run.pos.step + 1} (epoch {epoch}): the loss ({loss}) or the gradient "
+                   f"norm ({grad_norm}) is not finite, so training stopped before updating the "
+                   f"adapters; {keep}. Try a lower --lr or --max-grad-norm, or check the data")
+
+
+def end_of_epoch(run: Run, epoch: int) -> None:
+    """Validation loss (best adapter kept), the epoch's record, then the epoch checkpoint.
+
+    The epoch counter moves on only after both, so a run interrupted during validation
+    validates that epoch again when resumed."""
+    record: dict[str, Any] = {"step": run.pos.step, "epoch": epoch}
+    if run.val_loader is not None:
+        val = validation_loss(run.task, run.injection.model, run.val_loader, run.device,
+                              run.amp_dtype)
+        record["val_loss"] = val if math.isfinite(val) else None  # JSON has no NaN
+        if val < run.pos.best_val:  # the same all-reduced value on every rank
+            if run.main_rank:
+                save_adapter(run.injection, run.out_dir / "best.safetensors",
+                             base_model=run.args.model, extra=run.adapter_meta)
+            run.pos = dataclasses.replace(run.pos, best_val=val)
+        if run.main_rank:
+            run.bar.write(f"epoch {epoch}: val loss {val:.4f}")
+    run.metrics.write(record)
+    run.pos = dataclasses.replace(run.pos, epoch=epoch + 1, micro=0)
+    run.checkpoint(rng_state())
+
+
+def finish(run: Run) -> Path:
+    """Save the final adapter and curves; report exact match on --eval-file (rank 0)."""
+    run.bar.close()
+    final = run.out_dir / ADAPTER
+    if run.main_rank:
+        save_adapter(run.injection, final, base_model=run.args.model, extra=run.adapter_meta)
+        try:
+            plot_curves(run.out_dir / "metrics.jsonl")
+        except ValueError as e:  # e.g. every step skipped: nothing to draw
+            log.warning("no curves.png: %s", e)
+        log.info("trained %d steps in %.1f s; adapter saved to %s", run.pos.step,
+                 time.time() - run.t0, final)
     distributed.barrier()  # the adapter is on disk before any rank returns
-    if not main_rank:
+    if not run.main_rank:
         return final  # the exact-match report below is rank 0's alone
-    if args.eval_file.lower() != "none":
-        report_exact_match(task, injection, args, amp_dtype, device, out_dir)
+    if run.args.eval_file.lower() != "none":
+        report_exact_match(run.task, run.injection, run.args, run.amp_dtype, run.device,
+                           run.out_dir)
     print(f"adapter: {final}")
     return final
 

@@ -23,9 +23,12 @@ def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
     """(step, value) pairs of train loss, val loss and lr from a metrics.jsonl file."""
     out: dict[str, list[tuple[float, float]]] = {"loss": [], "val_loss": [], "lr": []}
     for line in path.read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:  # a last line cut short by a crash
+            continue
         for key, points in out.items():
-            if key in record:
+            if record.get(key) is not None:  # null: a skipped step or an undefined val loss
                 points.append((record["step"], record[key]))
     return out
 

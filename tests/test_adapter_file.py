@@ -12,6 +12,7 @@ from lora import (
     AdapterFileError,
     LoRAConfig,
     NonFiniteAdapterError,
+    base_fingerprint,
     inject_lora,
     load_adapter,
     read_metadata,
@@ -63,7 +64,8 @@ def test_metadata_records_settings(saved):
     assert set(json.loads(meta["versions"])) == {"lora_vlm", "torch", "transformers", "safetensors"}
     modules = json.loads(meta["modules"])
     assert modules["vision_model.encoder.layers.1.mlp.fc1"] == [4, 8.0]
-    assert len(meta["base_fingerprint"]) == 16
+    assert meta["base_fingerprint"] == base_fingerprint(tiny_blip(seed=5))  # weights don't count
+    assert meta["base_fingerprint"] != base_fingerprint(tiny_blip(vocab=80))
 
 
 def _rewrite(path, out, drop=None, add=None, meta_update=None):
