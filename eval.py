@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from evaluation import caption_scores, exact_match, vqa_scores
+from evaluation import caption_scores, exact_match, is_correct, vqa_scores
 from evaluation.report import Row, write_contact_sheet, write_html
 from models.api import Pipeline
-from models.captioning import normalize_caption
 from train import DEFAULT_DATA, ROOT, HelpFormatter
 
 
@@ -44,31 +43,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def score(task_name: str, samples: list, units: list, preds: list[str]) -> dict[str, float]:
-    """The task's metrics for predictions on ``units``."""
+def score(task_name: str, units: list, preds: list[str]) -> dict[str, float]:
+    """The task's metrics for predictions on ``units`` ((sample, references) pairs)."""
     if task_name == "vqa":
-        return vqa_scores(preds, [list(s.answers) for s, _ in units])
-    refs: dict[str, list[str]] = {}
-    for s in samples:
-        refs.setdefault(str(s.image), []).append(s.text)
+        return vqa_scores(preds, [refs for _, refs in units])
+    refs = {str(s.image): r for s, r in units}
     cands = {str(s.image): p for (s, _), p in zip(units, preds, strict=True)}
     return {**caption_scores(cands, refs), "exact_match": exact_match(cands, refs)}
 
 
-def report_rows(task_name: str, samples: list, units: list,
-                outputs: dict[str, list[str]]) -> list[Row]:
-    """One report row per evaluation unit, with every system's output and verdict."""
-    refs: dict[Path, list[str]] = {}
-    for s in samples:
-        if task_name == "caption":
-            refs.setdefault(s.image, []).append(s.text)
-    rows = []
-    for i, (sample, accepted) in enumerate(units):
-        references = list(sample.answers) if task_name == "vqa" else refs[sample.image]
-        rows.append(Row(sample.image, sample.question if task_name == "vqa" else "", references,
-                        {sys_: (preds[i], normalize_caption(preds[i]) in accepted)
-                         for sys_, preds in outputs.items()}))
-    return rows
+def report_rows(task_name: str, units: list, outputs: dict[str, list[str]]) -> list[Row]:
+    """One report row per evaluation unit, with every system's output and its exact-match
+    verdict (evaluation.is_correct: the definition the table's exact_match averages)."""
+    return [Row(sample.image, sample.question if task_name == "vqa" else "", list(refs),
+                {system: (preds[i], is_correct(task_name, preds[i], refs))
+                 for system, preds in outputs.items()})
+            for i, (sample, refs) in enumerate(units)]
 
 
 def markdown(table: dict[str, dict[str, float]]) -> str:
@@ -100,11 +90,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             pipe.injection.set_active(active)
         outputs[system] = pipe.task.predict_units(units, args.batch_size, desc=system,
                                                   num_beams=args.num_beams)
-        table[system] = score(pipe.task.name, samples, units, outputs[system])
+        table[system] = score(pipe.task.name, units, outputs[system])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        rows = report_rows(pipe.task.name, samples, units, outputs)
+        rows = report_rows(pipe.task.name, units, outputs)
         write_html(rows, out / "report.html", f"{Path(eval_file).name}: base vs adapters")
         write_contact_sheet(rows, out / "contact_sheet.png")
     (out / "eval.json").write_text(json.dumps({"eval_file": eval_file, "scores": table},

@@ -24,7 +24,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-from models.captioning import normalize_caption  # the one exact-match form
+from .verdict import caption_correct
 
 # ptbtokenizer.py's PUNCTUATIONS. Its bracket entries are upper-case but the tokenizer runs with
 # -lowerCase first, so "(" → "-lrb-" is never matched and survives as a token; kept that way.
@@ -224,6 +224,5 @@ def exact_match(candidates: Mapping[Hashable, str],
     """Fraction of ids whose normalised candidate equals any of its normalised references."""
     if candidates.keys() != references.keys():
         raise ValueError("candidates and references must have the same ids")
-    hits = [normalize_caption(candidates[i]) in {normalize_caption(r) for r in references[i]}
-            for i in candidates]
+    hits = [caption_correct(candidates[i], references[i]) for i in candidates]
     return sum(hits) / len(hits)

@@ -125,6 +125,11 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *,
     return sum(per_subset) / len(per_subset)
 
 
+def answer_correct(prediction: str, answers: Sequence[str]) -> bool:
+    """Exact match of one answer: VQA-normalised, equal to any (fully normalised) reference."""
+    return normalize_answer(prediction) in _references(answers, official=False)
+
+
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
     """SQuAD-style token F1 on normalised answers, maximised over the reference answers."""
     pred = normalize_answer(prediction).split()
@@ -153,8 +158,7 @@ def vqa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]], *,
                          f"{len(answers)} answer lists")
     acc = [vqa_accuracy(p, a, official_reference_processing=official_reference_processing)
            for p, a in zip(predictions, answers, strict=True)]
-    em = [normalize_answer(p) in _references(a, official=False)
-          for p, a in zip(predictions, answers, strict=True)]
+    em = [answer_correct(p, a) for p, a in zip(predictions, answers, strict=True)]
     f1 = [token_f1(p, a) for p, a in zip(predictions, answers, strict=True)]
     n = len(predictions)
     scores = {"exact_match": sum(em) / n, "token_F1": sum(f1) / n}

@@ -7,7 +7,6 @@ prompt, and the prompt is stripped from what it returns.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,12 +14,9 @@ import torch
 from PIL import Image
 from transformers import BlipProcessor, PreTrainedModel
 
+from evaluation.verdict import normalize_caption
+
 from .loss import IGNORE
-
-
-def normalize_caption(text: str) -> str:
-    """Lower-case, single spaces, no trailing full stop: the exact-match comparison form."""
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .")
 
 
 @dataclass

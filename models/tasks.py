@@ -24,7 +24,7 @@ from data.vqa_formats import VQASample, load_vqa_samples
 
 from .blip2 import Blip2Collator, blip2_generate, blip2_loss_sum, is_encoder_decoder
 from .blip_vqa import VQACollator, vqa_generate, vqa_loss_sum
-from .captioning import CaptionCollator, generate_captions, normalize_caption
+from .captioning import CaptionCollator, generate_captions
 from .loss import count_targets, token_loss_sum
 
 Sample = CaptionSample | VQASample
@@ -32,7 +32,7 @@ BLIP2_VQA_PROMPT = "Question: {} Answer:"
 
 
 def majority_answer(answers: Sequence[str]) -> str:
-    """The most frequent answer (first seen wins ties): the training target and EM reference."""
+    """The most frequent answer (first seen wins ties): the VQA training target."""
     return Counter(answers).most_common(1)[0][0]
 
 
@@ -90,14 +90,15 @@ class Task:
                                   **generate_kwargs)
         return preds
 
-    def eval_units(self, samples: Sequence[Sample]) -> list[tuple[Sample, set[str]]]:
-        """(sample to predict for, accepted normalised answers): per image for captions (any of
-        its captions counts), per question for VQA (the majority answer)."""
+    def eval_units(self, samples: Sequence[Sample]) -> list[tuple[Sample, list[str]]]:
+        """(sample to predict for, its references): per image for captions (every caption of
+        the image), per question for VQA (every answer). Whether a prediction is right is
+        evaluation.is_correct's to say, not the task's."""
         if self.name == "vqa":
-            return [(s, {normalize_caption(majority_answer(s.answers))}) for s in samples]
-        refs: dict[Path, tuple[Sample, set[str]]] = {}
+            return [(s, list(s.answers)) for s in samples]
+        refs: dict[Path, tuple[Sample, list[str]]] = {}
         for s in samples:
-            refs.setdefault(s.image, (s, set()))[1].add(normalize_caption(s.text))
+            refs.setdefault(s.image, (s, []))[1].append(s.text)
         return list(refs.values())
 
 

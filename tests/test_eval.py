@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 from conftest import write_tiny_dataset, write_tiny_model_dir, write_tiny_vqa_dataset
+from safetensors.torch import load_file
 
 import eval as evaluate
 import train
@@ -51,3 +53,39 @@ def test_report_rows_grouped_and_embedded(tmp_path):
     assert page.count("class='ok'") == 4 and page.count("class='bad'") == 2  # per output
     sheet = Image.open(write_contact_sheet(rows, tmp_path / "s.png", columns=2, image_px=20))
     assert sheet.size == (2 * (2 * 20 + 16), 2 * (20 + 12 * 3 + 8))
+
+
+def test_train_exact_match_equals_eval_exact_match(tmp_path):
+    """One run: train.py's eval.json and eval.py's table score the same adapter the same way.
+
+    The references are written from the adapter's own answers, in forms the two old definitions
+    judged differently: "the <answer>" (articles), and the answer as a minority reference.
+    """
+    from models.api import Pipeline
+
+    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    data = write_tiny_vqa_dataset(tmp_path / "d", n=6)
+    args = ["--model", str(model_dir), "--train-file", str(data), "--epochs", "1",
+            "--batch-size", "3", "--val-fraction", "0", "--threads", "1"]
+    first = train.main([*args, "--eval-file", "none", "--output-dir", str(tmp_path / "r1")])
+    pipe = Pipeline(adapters=[first])
+    samples = pipe.task.load_samples(data)[0]
+    answers = pipe.task.predict_units(pipe.task.eval_units(samples), 32)
+    # i % 3 == 0: right by its articles; 1: right as a minority answer; 2: wrong.
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    for i, (line, answer) in enumerate(zip(lines, answers, strict=True)):
+        line.pop("answer")
+        line["answers"] = [[f"the {answer}"], ["xyzzy", "xyzzy", answer], ["xyzzy"]][i % 3]
+    variants = tmp_path / "d/variants.jsonl"
+    variants.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    # The same seeded run again, now reporting on the variants at its end.
+    adapter = train.main([*args, "--eval-file", str(variants), "--output-dir",
+                          str(tmp_path / "r2")])
+    again, before = load_file(adapter), load_file(first)  # (metadata may differ: paths)
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again)
+    trained = json.loads((tmp_path / "r2/eval.json").read_text())
+    table = evaluate.main(["--adapter", str(adapter), "--eval-file", str(variants),
+                           "--out-dir", str(tmp_path / "e")])
+    assert trained["adapter"]["all"] == table["0-adapter"]["exact_match"] == pytest.approx(4 / 6)
+    assert trained["base"]["all"] == table["base"]["exact_match"]
