@@ -18,13 +18,15 @@ loudly instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from .loss import IGNORE, token_loss_sum
+from .truncation import TruncationLog, cut_rows, mask_cut_ends
 
 
 def is_encoder_decoder(model: Blip2ForConditionalGeneration) -> bool:
@@ -46,16 +48,47 @@ def check_compatible(model: Blip2ForConditionalGeneration, processor: Blip2Proce
                          f"processor makes {have}: the image would be ignored or misplaced")
 
 
+def max_sequence_length(model: Blip2ForConditionalGeneration) -> int | None:
+    """The longest ``input_ids`` (image tokens included) the language model takes, or None.
+
+    OPT's learned position table covers the whole sequence, image tokens and text alike
+    (positions follow the attention mask). T5 has relative position buckets, no table: no
+    length overflows it (cost and the lengths it was trained on are the limits there).
+    """
+    if is_encoder_decoder(model):
+        return None
+    return model.config.text_config.max_position_embeddings
+
+
+class Blip2Item(NamedTuple):
+    """One training example; ``source`` ("file:line") names it in truncation warnings."""
+
+    image: Image.Image
+    prompt: str
+    target: str
+    source: str | None = None
+
+
 @dataclass
 class Blip2Collator:
-    """(image, prompt, target) triples -> BLIP-2 batch with ``labels`` on target tokens only.
+    """(image, prompt, target[, source]) items -> BLIP-2 batch, ``labels`` on target tokens only.
 
-    ``max_length`` counts the image tokens too (Blip2Processor subtracts them for the text).
+    ``max_length`` counts the image tokens too (Blip2Processor subtracts them for the text); T5's
+    targets (decoder side, no image tokens) are cut to ``max_length`` on their own. A cut
+    target's kept tokens are learned, its end token is not; a prompt that fills the window
+    leaves the row without targets.
     """
 
     processor: Blip2Processor
     max_length: int = 64
     encoder_decoder: bool = False
+    truncations: TruncationLog = field(default_factory=TruncationLog)
+
+    def __post_init__(self) -> None:
+        self.text_length = self.max_length - (self.processor.num_query_tokens or 0)
+        if self.text_length < 1:
+            raise ValueError(f"max_length {self.max_length} leaves no room for text after the "
+                             f"{self.processor.num_query_tokens} image tokens")
 
     @classmethod
     def for_model(cls, model: Blip2ForConditionalGeneration, processor: Blip2Processor,
@@ -64,8 +97,9 @@ class Blip2Collator:
         check_compatible(model, processor)
         return cls(processor, max_length, is_encoder_decoder(model))
 
-    def __call__(self, items: Sequence[tuple[Image.Image, str, str]]) -> dict[str, torch.Tensor]:
-        images, prompts, targets = (list(x) for x in zip(*items, strict=True))
+    def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        items = [Blip2Item(*it) for it in items]  # plain (image, prompt, target) triples too
+        images, prompts, targets = ([it[k] for it in items] for k in range(3))
         tok = self.processor.tokenizer
         common = dict(padding="longest", truncation=True, return_tensors="pt")
         if self.encoder_decoder:
@@ -73,29 +107,48 @@ class Blip2Collator:
                                  **common)
             dec = tok(targets, max_length=self.max_length, **common)
             labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, IGNORE)
+            cut_prompt = cut_rows(tok, prompts, self._text_mask(enc).sum(1), self.text_length)
+            cut_target = cut_rows(tok, targets, dec["attention_mask"].sum(1), self.max_length)
+            mask_cut_ends(labels, dec["attention_mask"], cut_target, IGNORE)
+            self._report(items, {f"prompt to {self.text_length} tokens": cut_prompt,
+                                 f"target to {self.max_length} tokens": cut_target})
             return {**enc, "labels": labels}
         texts = [" ".join(s for s in (p.strip(), t.strip()) if s) + tok.eos_token
                  for p, t in zip(prompts, targets, strict=True)]
         # Right padding: the loss ignores pads, and positions of real tokens stay 0..n-1.
         enc = self.processor(images=images, text=texts, max_length=self.max_length,
                              padding_side="right", **common)
-        ids = enc["input_ids"]
-        text = (enc["attention_mask"] == 1) & (ids != image_token_id(self.processor))
+        ids, text = enc["input_ids"], self._text_mask(enc)
         rank = text.cumsum(1)  # 1-based index of each real text token in its row
         n_prompt = torch.tensor([len(tok(p.strip()).input_ids) for p in prompts])  # incl. BOS
+        # A cut text loses its </s> (it ends the string) and, when the prompt fills the window,
+        # every target token: such a row has no labels.
         in_prompt = text & (rank <= n_prompt[:, None])
         self._check_prompt_prefix(ids, in_prompt, prompts)
         labels = ids.masked_fill(~text | in_prompt, IGNORE)
+        self._report(items, {f"prompt + target to {self.text_length} tokens after the image "
+                             "tokens": cut_rows(tok, texts, text.sum(1), self.text_length)})
         return {**enc, "labels": labels}
+
+    def _text_mask(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) True on real text tokens: not padding, not an image token."""
+        return (enc["attention_mask"] == 1) & (enc["input_ids"] != image_token_id(self.processor))
+
+    def _report(self, items: list[Blip2Item], cuts: dict[str, list[bool]]) -> None:
+        for i, it in enumerate(items):
+            self.truncations.report(it.source, [part for part, cut in cuts.items() if cut[i]],
+                                    it.prompt + " " + it.target)
 
     def _check_prompt_prefix(self, ids: torch.Tensor, in_prompt: torch.Tensor,
                              prompts: list[str]) -> None:
-        # A BPE merge across the prompt/target boundary would shift the mask by a token.
+        # A BPE merge across the prompt/target boundary would shift the mask by a token. A
+        # prompt cut by truncation is compared on the part that was kept.
         tok = self.processor.tokenizer
         for row, mask, prompt in zip(ids, in_prompt, prompts, strict=True):
-            if row[mask].tolist() != tok(prompt.strip()).input_ids:
+            kept = row[mask].tolist()
+            if kept != tok(prompt.strip()).input_ids[: len(kept)]:
                 raise ValueError(f"prompt {prompt!r} tokenizes differently once the target is "
-                                 "appended (or was truncated): its label mask would be wrong")
+                                 "appended: its label mask would be wrong")
 
 
 def model_inputs(model: Blip2ForConditionalGeneration,

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from .loss import IGNORE, token_loss_sum
+from .truncation import TruncationLog, cut_rows, mask_cut_ends
 
 
 def restore_cross_attention_masks(model: BlipForQuestionAnswering) -> int:
@@ -39,27 +41,55 @@ def restore_cross_attention_masks(model: BlipForQuestionAnswering) -> int:
     return len(names)
 
 
+class VQAItem(NamedTuple):
+    """One training question; ``source`` ("file:line") names it in truncation warnings."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    source: str | None = None
+
+
 @dataclass
 class VQACollator:
-    """(PIL image, question, answer) triples -> question inputs + answer ids and labels."""
+    """(PIL image, question, answer[, source]) items -> question inputs + answer ids and labels.
+
+    Questions and answers are each cut to ``max_length`` tokens (the text encoder and decoder
+    each have that many positions at most); a cut answer's kept tokens are learned, its [SEP]
+    is not.
+    """
 
     processor: BlipProcessor
     bos_token_id: int  # the answer decoder starts from this id, as in generate
     max_length: int = 40
+    truncations: TruncationLog = field(default_factory=TruncationLog)
 
-    def __call__(self, items: Sequence[tuple[Image.Image, str, str]]) -> dict[str, torch.Tensor]:
-        images, questions, answers = zip(*items, strict=True)
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"], **self.text(questions, answers)}
+    def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        items = [VQAItem(*it) for it in items]  # plain (image, question, answer) triples too
+        pixels = self.processor.image_processor(images=[it.image for it in items],
+                                                return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"],
+                **self.text([it.question for it in items], [it.answer for it in items],
+                            [it.source for it in items])}
 
-    def text(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The batch without its images: question inputs, answer ids (from bos) and labels."""
+    def text(self, questions: Sequence[str], answers: Sequence[str],
+             sources: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """The batch without its images: question inputs, answer ids (from bos) and labels;
+        ``sources`` name the samples in truncation warnings."""
         tokenize = functools.partial(self.processor.tokenizer, padding="longest", truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
         enc, ans = tokenize(list(questions)), tokenize(list(answers))
         answer_ids = ans["input_ids"].clone()
         answer_ids[:, 0] = self.bos_token_id
         labels = answer_ids.masked_fill(ans["attention_mask"] == 0, IGNORE)
+        tok = self.processor.tokenizer
+        cut_q = cut_rows(tok, questions, enc["attention_mask"].sum(1), self.max_length)
+        cut_a = cut_rows(tok, answers, ans["attention_mask"].sum(1), self.max_length)
+        mask_cut_ends(labels, ans["attention_mask"], cut_a, IGNORE)
+        for i, (q, a) in enumerate(zip(cut_q, cut_a, strict=True)):
+            parts = [f"{name} to {self.max_length} tokens"
+                     for name, c in (("question", q), ("answer", a)) if c]
+            self.truncations.report(sources[i] if sources else None, parts, questions[i])
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "answer_ids": answer_ids, "answer_mask": ans["attention_mask"], "labels": labels}
 

@@ -2,13 +2,15 @@
 
 Training text is ``prompt + caption``; the prompt's tokens (and padding) are -100 in ``labels``
 so only the caption is learned (as LAVIS does with "a picture of "). Generation starts from the
-prompt, and the prompt is stripped from what it returns.
+prompt, and the prompt is stripped from what it returns. A text longer than ``max_length`` is cut
+(see models/truncation.py): its kept caption tokens are learned, its [SEP] is not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -17,11 +19,21 @@ from transformers import BlipProcessor, PreTrainedModel
 from evaluation.verdict import normalize_caption
 
 from .loss import IGNORE
+from .truncation import TruncationLog, cut_rows, mask_cut_ends
+
+
+class CaptionItem(NamedTuple):
+    """One training caption; ``source`` ("file:line") names it in truncation warnings."""
+
+    image: Image.Image
+    text: str
+    source: str | None = None
 
 
 @dataclass
 class CaptionCollator:
-    """(PIL image, caption) pairs -> BLIP batch with ``labels`` masked on prompt and padding."""
+    """(PIL image, caption[, source]) items -> BLIP batch with ``labels`` masked on prompt and
+    padding; ``max_length`` must not exceed the text model's position table."""
 
     processor: BlipProcessor
     prompt: str = ""
@@ -29,21 +41,30 @@ class CaptionCollator:
     # generate() starts from bos_token_id; real BLIP checkpoints use [DEC] there, not the
     # tokenizer's [CLS], so training must too (the model's forward does not replace it).
     bos_token_id: int | None = None
+    truncations: TruncationLog = field(default_factory=TruncationLog)
 
     def __post_init__(self) -> None:
         # [CLS] + prompt tokens; BLIP's loss is shifted, so position 0 is never a target anyway.
         self.prompt_len = 1 + len(self.processor.tokenizer(self.prompt,
                                                            add_special_tokens=False).input_ids)
 
-    def __call__(self, items: Sequence[tuple[Image.Image, str]]) -> dict[str, torch.Tensor]:
-        images, texts = zip(*items, strict=True)
-        enc = self.processor(images=list(images), text=[self.prompt + t for t in texts],
-                             padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+    def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        items = [CaptionItem(*it) for it in items]  # plain (image, caption) pairs too
+        texts = [self.prompt + it.text for it in items]
+        enc = self.processor(images=[it.image for it in items], text=texts, padding="longest",
+                             truncation=True, max_length=self.max_length, return_tensors="pt")
         if self.bos_token_id is not None:
             enc["input_ids"][:, 0] = self.bos_token_id
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
+        # A prompt as long as the window leaves no target at all: a batch row with 0 targets.
         labels[:, : self.prompt_len] = IGNORE
+        cut = cut_rows(self.processor.tokenizer, texts, enc["attention_mask"].sum(1),
+                       self.max_length)
+        mask_cut_ends(labels, enc["attention_mask"], cut, IGNORE)
+        for it, c in zip(items, cut, strict=True):
+            if c:
+                self.truncations.report(it.source, [f"prompt + caption to {self.max_length} "
+                                                    "tokens"], it.text)
         return {"pixel_values": enc["pixel_values"], "input_ids": enc["input_ids"],
                 "attention_mask": enc["attention_mask"], "labels": labels}
 

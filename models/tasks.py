@@ -7,6 +7,7 @@ this interface, so captioning, VQA and BLIP-2 share one loop.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,18 +23,39 @@ from transformers import PreTrainedModel
 from data.formats import CaptionSample, load_caption_samples, load_image
 from data.vqa_formats import VQASample, load_vqa_samples
 
-from .blip2 import Blip2Collator, blip2_generate, blip2_loss_sum, is_encoder_decoder
-from .blip_vqa import VQACollator, vqa_generate, vqa_loss_sum
-from .captioning import CaptionCollator, generate_captions
+from .blip2 import (
+    Blip2Collator,
+    Blip2Item,
+    blip2_generate,
+    blip2_loss_sum,
+    is_encoder_decoder,
+    max_sequence_length,
+)
+from .blip_vqa import VQACollator, VQAItem, vqa_generate, vqa_loss_sum
+from .captioning import CaptionCollator, CaptionItem, generate_captions
 from .loss import count_targets, token_loss_sum
+from .truncation import TruncationLog
 
+log = logging.getLogger(__name__)
 Sample = CaptionSample | VQASample
 BLIP2_VQA_PROMPT = "Question: {} Answer:"
+DEFAULT_MAX_LENGTH = 64  # tokens per training text when the caller names no limit
 
 
 def majority_answer(answers: Sequence[str]) -> str:
     """The most frequent answer (first seen wins ties): the VQA training target."""
     return Counter(answers).most_common(1)[0][0]
+
+
+def model_max_length(model: PreTrainedModel) -> int | None:
+    """The most tokens one training text may have in ``model``, or None where nothing bounds it.
+
+    BLIP: the text model's position table (captions; VQA questions and answers, each on its
+    own). BLIP-2: see blip2.max_sequence_length (counts the image tokens, as max_length does).
+    """
+    if type(model).__name__.startswith("Blip2"):
+        return max_sequence_length(model)
+    return model.config.text_config.max_position_embeddings
 
 
 @dataclass
@@ -47,6 +69,8 @@ class Task:
     _predict: Callable[..., list[str]]
     prompt: str = ""
     shifted_labels: bool = True  # logits[:, t] predicts labels[:, t + 1] (all but BLIP-2 T5)
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per text the collator keeps (see make_task)
+    truncations: TruncationLog | None = None  # the collator's: samples it cut, counted
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens in a batch, the denominator of exact accumulation."""
@@ -66,11 +90,12 @@ class Task:
         return load_vqa_samples(path, skip_bad_samples=skip_bad_samples, image_root=image_root,
                                 annotations=annotations)
 
-    def item(self, sample: Sample, image: Image.Image) -> tuple:
-        """The training item of one sample: (image, caption) or (image, question, answer)."""
+    def item(self, sample: Sample, image: Image.Image) -> CaptionItem | VQAItem:
+        """The training item of one sample: (image, caption, source) or (image, question,
+        answer, source); the source names the sample if the collator has to cut its text."""
         if self.name == "caption":
-            return image, sample.text
-        return image, sample.question, majority_answer(sample.answers)
+            return CaptionItem(image, sample.text, sample.source)
+        return VQAItem(image, sample.question, majority_answer(sample.answers), sample.source)
 
     def predict(self, images: Sequence[Image.Image], questions: Sequence[str] | None = None,
                 **generate_kwargs: Any) -> list[str]:
@@ -119,33 +144,64 @@ def _without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def effective_max_length(model: PreTrainedModel, max_length: int | None) -> int:
+    """``max_length`` (default DEFAULT_MAX_LENGTH) lowered to what ``model`` takes; says so
+    once when an explicit request is lowered."""
+    limit = model_max_length(model)
+    wanted = max_length or DEFAULT_MAX_LENGTH
+    if limit is None or wanted <= limit:
+        return wanted
+    if max_length is not None:
+        # info, not a warning: the shipped tiny models (40 positions) lower the default 64.
+        log.info("--max-length %d lowered to %d: %s's text model has %d positions", max_length,
+                 limit, type(model).__name__, limit)
+    return limit
+
+
 def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "",
-              max_length: int = 64) -> Task:
-    """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2)."""
+              max_length: int | None = None) -> Task:
+    """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2).
+
+    ``max_length`` caps each training text in tokens (None: DEFAULT_MAX_LENGTH); it is lowered
+    to what the model's text side takes (``Task.max_length`` holds the value used), and the
+    collators cut longer texts with one warning per sample.
+    """
     family = "blip2" if type(model).__name__.startswith("Blip2") else "blip"
     bos = model.config.text_config.bos_token_id if family == "blip" else None
+    max_length = effective_max_length(model, max_length)
     if (family, task) == ("blip", "caption"):
+        collator = CaptionCollator(processor, prompt, max_length, bos_token_id=bos)
         return Task(
-            task, family, CaptionCollator(processor, prompt, max_length, bos_token_id=bos),
+            task, family, collator,
             lambda m, b, ls: token_loss_sum(m(**_without_labels(b)).logits, b["labels"], ls),
             lambda images, _, **kw: generate_captions(model, processor, images, prompt, **kw),
-            prompt)
+            prompt, max_length=max_length, truncations=collator.truncations)
     if (family, task) == ("blip", "vqa"):
-        return Task(task, family, VQACollator(processor, bos, max_length), vqa_loss_sum,
-                    lambda images, qs, **kw: vqa_generate(model, processor, images, qs, **kw))
+        collator = VQACollator(processor, bos, max_length)
+        return Task(task, family, collator, vqa_loss_sum,
+                    lambda images, qs, **kw: vqa_generate(model, processor, images, qs, **kw),
+                    max_length=max_length, truncations=collator.truncations)
     if family == "blip2" and task in ("caption", "vqa"):
-        collator = Blip2Collator.for_model(model, processor, max_length)
+        blip2_collator = Blip2Collator.for_model(model, processor, max_length)
         fmt = BLIP2_VQA_PROMPT.format
 
+        def to_blip2(item: tuple) -> Blip2Item:
+            # (image, caption, source) -> (image, prompt, caption, source);
+            # (image, q, a, source) -> (image, "Question: q Answer:", a, source)
+            if task == "caption":
+                it = CaptionItem(*item)
+                return Blip2Item(it.image, prompt, it.text, it.source)
+            it = VQAItem(*item)
+            return Blip2Item(it.image, fmt(it.question), it.answer, it.source)
+
         def collate(items: list) -> dict[str, torch.Tensor]:
-            # (image, caption) -> (image, prompt, caption); (image, q, a) -> (image, Q/A prompt, a)
-            return collator([(it[0], prompt, it[1]) if len(it) == 2 else (it[0], fmt(it[1]), it[2])
-                             for it in items])
+            return blip2_collator([to_blip2(it) for it in items])
 
         def predict(images, qs, **kw) -> list[str]:
             prompts = prompt if qs is None else [fmt(q) for q in qs]
             return blip2_generate(model, processor, images, prompts, **kw)
 
         return Task(task, family, collate, blip2_loss_sum, predict, prompt,
-                    shifted_labels=not is_encoder_decoder(model))
+                    shifted_labels=not is_encoder_decoder(model), max_length=max_length,
+                    truncations=blip2_collator.truncations)
     raise ValueError(f"task {task!r} is not supported for {type(model).__name__}")
