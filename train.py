@@ -39,6 +39,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from data.dataset import split_by_image
+from evaluation import is_correct
 from evaluation.curves import plot_curves
 from lora import (
     QUANT_MODES,
@@ -51,7 +52,6 @@ from lora import (
     save_adapter,
 )
 from lora.adapter_file import library_versions
-from models.captioning import normalize_caption
 from models.loading import (
     DEFAULT_MODELS,
     enable_activation_checkpointing,
@@ -301,14 +301,15 @@ def validation_loss(task: Task, model, loader, device, amp_dtype) -> float:
 
 
 def exact_match_report(task: Task, samples, args, amp_dtype, device) -> dict[str, float]:
-    """Exact-match accuracy (normalised text) overall and per ``split`` field."""
+    """Exact-match accuracy overall and per ``split`` field (evaluation.is_correct: eval.py's
+    definition, so eval.json agrees with eval.py's exact_match)."""
     units = task.eval_units(samples)
     with autocast(device, amp_dtype):
         preds = task.predict_units(units, args.eval_batch_size, desc="eval",
                                    num_beams=args.num_beams)
     hits: dict[str, list[bool]] = {}
     for (sample, refs), pred in zip(units, preds, strict=True):
-        ok = normalize_caption(pred) in refs
+        ok = is_correct(task.name, pred, refs)
         hits.setdefault("all", []).append(ok)
         if sample.split:
             hits.setdefault(sample.split, []).append(ok)
