@@ -49,7 +49,7 @@ def test_windows_cover_every_micro_batch_once():
 
 def test_accumulated_gradient_equals_big_batch(tmp_path):
     model_dir = write_tiny_model_dir(tmp_path / "m")
-    data = write_tiny_dataset(tmp_path / "d", n=5)
+    write_tiny_dataset(tmp_path / "d", n=5)
     model, processor, _ = load_model(str(model_dir))
     inj = inject_lora(model, LoRAConfig(r=2, alpha=4))
     with torch.no_grad():
@@ -78,7 +78,6 @@ def test_accumulated_gradient_equals_big_batch(tmp_path):
     accumulated = grads([collate(items[:3]), collate(items[3:])])
     for a, b in zip(big, accumulated, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert data.exists()
 
 
 @pytest.fixture(scope="module")
@@ -104,28 +103,14 @@ def test_resume_is_bit_identical(setup, tmp_path):
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(not torch.equal(full[k], torch.zeros_like(full[k])) for k in full if "lora_B" in k)
+    best_a, best_b = (load_file(tmp_path / d / "best.safetensors") for d in "ab")
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
+    def records(run):  # every field but the wall-clock time
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
 
-# Loss calls: epoch 0 = micro 1, 2 (step 1), 3 (step 2), validation 4; epoch 1 = 5, 6, 7, 8 ...
-@pytest.mark.parametrize("at_call", [6, 8], ids=["mid-window", "in-validation"])
-def test_ctrl_c_saves_and_resumes_exactly(setup, tmp_path, monkeypatch, at_call):
-    full = load_file(train.main(_args(setup, tmp_path / "a")))
-    calls = {"n": 0}
-    real = train.forward_loss
-
-    def interrupting(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train, "forward_loss", interrupting)
-    with pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, tmp_path / "b"))
-    assert stop.value.code == 130
-    monkeypatch.setattr(train, "forward_loss", real)
-    resumed = load_file(train.main(_args(setup, tmp_path / "b", "--resume", "auto")))
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert records("a") == records("b")
 
 
 def test_outputs_and_refusals(setup, tmp_path):
