@@ -73,10 +73,8 @@ class QuantizedLinear(nn.Module):
         return next(self.buffers()).device
 
     def _nf4(self) -> NF4Weight:
-        dq = self.double_quant
         return NF4Weight(self.weight_packed, self.weight_absmax,
-                         self.weight_absmax_scale if dq else None,
-                         self.weight_absmax_mean if dq else None,
+                         self.weight_absmax_scale if self.double_quant else None,
                          (self.out_features, self.in_features))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
