@@ -506,7 +506,7 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     log.info("%s | %d train / %d val samples | global batch %d (%d per process × %d accumulated "
              "× %d processes) | %d optimizer steps | %s", injection.describe(), len(train_samples),
              len(val_samples), config["global_batch"], args.batch_size, args.grad_accum, world,
-             total_steps, f"autocast {amp_dtype}")
+             total_steps, f"autocast {amp_dtype}" if amp_dtype else "fp32 (no autocast)")
     return Run(args, device, task, injection, optimizer, scheduler, scaler, adapter_loss,
                train_set, val_loader if val_samples else None, out_dir, config, adapter_meta,
                amp_dtype, pos, MetricsLog(metrics_path, enabled=distributed.is_main()),
