@@ -147,8 +147,10 @@ def _without_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def effective_max_length(model: PreTrainedModel, max_length: int | None) -> int:
     """``max_length`` (default DEFAULT_MAX_LENGTH) lowered to what ``model`` takes; says so
     once when an explicit request is lowered."""
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
     limit = model_max_length(model)
-    wanted = max_length or DEFAULT_MAX_LENGTH
+    wanted = DEFAULT_MAX_LENGTH if max_length is None else max_length
     if limit is None or wanted <= limit:
         return wanted
     if max_length is not None:

@@ -180,10 +180,13 @@ def test_max_length_lowered_once_and_said(models, caplog):
     assert not any("max-length" in r.getMessage() for r in caplog.records)
 
 
-def test_blip2_max_length_must_leave_room_after_the_image_tokens(models):
+def test_max_length_too_small_is_refused(models):
     model, processor = models["opt"]
     with pytest.raises(ValueError, match="image tokens"):
         make_task(model, processor, "caption", max_length=QUERY_TOKENS)
+    model, processor = models["blip-caption"]
+    with pytest.raises(ValueError, match="positive"):
+        make_task(model, processor, "caption", max_length=0)
 
 
 def test_train_py_with_a_10000_word_caption(tmp_path, caplog):
