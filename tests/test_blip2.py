@@ -238,8 +238,8 @@ def test_train_py_and_infer_py_on_saved_blip2(tmp_path, family):
 
 @pytest.mark.parametrize("task_name", ["caption", "vqa"])
 def test_task_counts_the_tokens_its_loss_averages(setup, task_name):
-    # train.py divides each window by task.count_targets before any forward: it must agree
-    # with the loss (T5's labels are unshifted, OPT's shifted).
+    # train.py divides each window by task.count_targets before any forward: it must count the
+    # tokens the loss averages over (T5's labels are unshifted, OPT's shifted).
     from models.tasks import make_task
 
     _, model, processor, _ = setup
@@ -248,4 +248,11 @@ def test_task_counts_the_tokens_its_loss_averages(setup, task_name):
     items = ([(image, "a red cube"), (image, "no block")] if task_name == "caption"
              else [(image, "what colour?", "red"), (image, "is it red?", "yes")])
     batch = task.collate(items)
-    assert task.count_targets(batch) == task.loss_sum(model, batch, 0.0)[1]
+    loss_sum, _ = task.loss_sum(model, batch, 0.0)
+    # transformers' own loss (its own shift and ignore mask) is the mean over the targets it
+    # counts: our sum over our count must equal it.
+    with torch.no_grad():
+        hf_mean = model(**model_inputs(model, batch), labels=batch["labels"]).loss
+    n = task.count_targets(batch)
+    assert n > 0
+    torch.testing.assert_close(loss_sum.detach() / n, hf_mean, rtol=1e-5, atol=0)

@@ -88,7 +88,7 @@ def test_train_vqa_then_infer_questions(tmp_path):
                           str(data), "--epochs", "2", "--batch-size", "4",
                           "--output-dir", str(tmp_path / "run")])
     report = json.loads((tmp_path / "run/eval.json").read_text())
-    assert set(report) == {"adapter", "base"} and 0 <= report["adapter"]["all"] <= 1
+    assert set(report) == {"adapter", "base"}  # its values: test_eval's train-vs-eval test
     image = str(tmp_path / "d/0.png")
     out = infer.main([image, "--adapter", str(adapter), "--question", "is the cube red?",
                       "--question", "what colour is the cube?"])
