@@ -3,15 +3,20 @@
 Layout (PEFT's documented format): ``adapter_config.json`` + ``adapter_model.safetensors`` with
 keys ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r) and
 metadata ``{"format": "pt"}``. Per-module ranks/alphas that differ from ``r`` / ``lora_alpha``
-go to ``rank_pattern`` / ``alpha_pattern``, whose keys PEFT matches as
-``re.match(rf"(.*\\.)?({key})$", module_path)``; we write escaped full paths.
+go to ``rank_pattern`` / ``alpha_pattern``. peft >= 0.15 matches their keys as regexes,
+``re.match(rf"(.*\\.)?({key})$", module_path)``, first key wins; older peft looks a module's
+full path up literally. We write plain full paths, which both read the same way, and check
+that no key also selects another Linear. Reading follows peft >= 0.15.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -29,15 +34,86 @@ from .targets import linear_modules
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
+# LoraConfig fields (peft 0.21) that do not change what a saved A/B pair computes on an
+# unmodified base: bookkeeping, and the module selection that the weights file spells out.
+# The *_config of an init method only matters through init_lora_weights, checked below.
+_INERT = frozenset({
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "runtime_config", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+})
+_READ = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
+                   "alpha_pattern", "init_lora_weights"})
+# Fields that change the maths or add tensors, accepted only when off; why, for the message.
+_REFUSED = {
+    "use_dora": "DoRA renormalises the adapted weight and scales it by a trained vector",
+    "bias": "PEFT trained the base model's biases too and saved them beside the adapter",
+    "fan_in_fan_out": "the weights are stored (in, out), for GPT-2-style Conv1D layers",
+    "modules_to_save": "whole modules were trained and saved beside the adapter",
+    "trainable_token_indices": "embedding rows were trained and saved beside the adapter",
+    "layer_replication": "the adapter belongs to a model with replicated layers",
+    "lora_bias": "lora_B carries a bias",
+    "megatron_config": "the adapter is for Megatron's parallel layers",
+    "use_qalora": "QALoRA pools the input in groups before A",
+    "alora_invocation_tokens": "aLoRA acts only on tokens after its invocation tokens",
+    "target_parameters": "the adapter targets bare nn.Parameters, not Linears",
+    "use_bdlora": "BD-LoRA makes A or B block-diagonal",
+    "arrow_config": "Arrow routes between several adapters per token",
+    "kasa_config": "KaSA truncates the base weight and adds a learned diagonal",
+    "velora_config": "VeLoRA adds its own buffers to the adapter",
+    "monteclora_config": "MonteCLoRA samples perturbations of A",
+}
+# init_lora_weights values that leave the base weight alone (MiCA only freezes B in training).
+_PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+# Inits that subtract s·B0·A0 from W; PEFT converts such adapters to plain LoRA on request.
+_CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
+
+
+def _pattern_key(path: str, patterns: Iterable[str]) -> str | None:
+    # peft >= 0.15 get_pattern_key: the first key (in order) with re.match(rf"(.*\.)?({key})$").
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+
+
+def _pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
+    key = _pattern_key(path, patterns)
+    return default if key is None else patterns[key]
+
+
+def _check_unambiguous(linear_names: Iterable[str], paths: list[str],
+                       pattern_keys: Iterable[str]) -> None:
+    """PEFT reads our keys as we mean them: each target_modules entry (exact or dotted suffix)
+    selects no Linear outside the adapter, and each pattern key (a regex, '.' matching any
+    character) selects no adapted Linear but its own. Then old peft's literal lookup and new
+    peft's regex give every Linear its own r and alpha."""
+    adapted = set(paths)
+    for name in linear_names:
+        if name not in adapted and any(name.endswith("." + p) for p in paths):
+            raise ValueError(f"cannot export to PEFT: a target_modules entry would also select "
+                             f"{name!r}, which has no adapter (PEFT matches dotted suffixes)")
+    for key in pattern_keys:
+        last = key.rsplit(".", 1)[-1]  # literal in the regex too: a cheap filter
+        for name in paths:
+            if name != key and name.endswith(last) and re.match(rf"(.*\.)?({key})$", name):
+                raise ValueError(f"cannot export to PEFT: pattern key {key!r} would also set "
+                                 f"r/alpha of {name!r} (PEFT matches keys as regexes)")
+
 
 def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "default",
               base_model: str = "") -> Path:
-    """Export adapter ``name`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` reads."""
+    """Export adapter ``name`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` reads.
+
+    ``target_modules`` lists the adapted Linears' full paths; ``rank_pattern`` /
+    ``alpha_pattern`` hold the full paths whose r / alpha differ from ``r`` / ``lora_alpha``,
+    unescaped, so peft before and after its 2025 regex change resolve them alike.
+    """
     adapter = injection._get(name)
     layers = dict(adapter.items())
     cfg = adapter.config
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rank_pattern = {p: m.r for p, m in layers.items() if m.r != cfg.r}
+    alpha_pattern = {p: m.alpha for p, m in layers.items() if m.alpha != cfg.alpha}
+    _check_unambiguous(linear_modules(injection.model), list(layers),
+                       [*rank_pattern, *alpha_pattern])
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -51,43 +127,131 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "target_modules": list(layers),
-        "rank_pattern": {re.escape(p): m.r for p, m in layers.items() if m.r != cfg.r},
-        "alpha_pattern": {re.escape(p): m.alpha for p, m in layers.items() if m.alpha != cfg.alpha},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
         "layers_to_transform": None,
         "inference_mode": True,
     }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     state = {PREFIX + k: v for k, v in adapter_state(injection, name).items()}
     atomic_save_tensors(state, out_dir / WEIGHTS_NAME, {"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
-def _pattern_value(path: str, patterns: dict, default: float) -> float:
-    # PEFT's get_pattern_key: first key (in order) with re.match(rf"(.*\.)?({key})$", path).
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", path)), default)
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+def _check_init(init: Any, source: str) -> None:
+    if isinstance(init, bool) or (isinstance(init, str) and init in _PLAIN_INITS):
+        return
+    head = (f"{source}: init_lora_weights={init!r}: lora-vlm adds adapters to the base weights "
+            "as they are, ")
+    if isinstance(init, str) and init.lower().startswith(_CONVERTIBLE_INITS):
+        raise AdapterFileError(
+            head + "but this adapter was trained on a base from which PEFT subtracted its "
+            "initial low-rank part (PEFT redoes that subtraction when it loads the adapter). "
+            "Convert it with PEFT: save_pretrained(..., path_initial_model_for_weight_conversion="
+            "<the adapter saved right after initialisation>) writes a plain LoRA adapter "
+            "(init_lora_weights true, rank 2r); or merge_and_unload() and use the merged model.")
+    if init == "loftq":
+        raise AdapterFileError(
+            head + "but this adapter was trained on LoftQ's quantized approximation of the base. "
+            "Load it with PEFT on that base and merge_and_unload(), then use the merged model.")
+    raise AdapterFileError(head + "and this value is unknown to it: it cannot tell whether that "
+                           "initialisation changed the base weights")
 
 
 def _check_supported(config: dict, source: str) -> None:
+    """Refuse what would make this adapter compute something else here than in PEFT."""
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{source}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
-    unsupported = {"use_dora": False, "bias": "none", "fan_in_fan_out": False,
-                   "modules_to_save": None}
-    for key, ok in unsupported.items():
-        if config.get(key, ok) not in (ok, []):
-            raise AdapterFileError(f"{source}: {key}={config[key]!r} is not supported")
+    for key, value in config.items():
+        if key in _READ or key in _INERT or (key == "bias" and value == "none"):
+            continue
+        if key in _REFUSED and not _is_off(value):
+            raise AdapterFileError(f"{source}: {key}={value!r} is not supported "
+                                   f"({_REFUSED[key]}; lora-vlm computes plain LoRA only)")
+        if key not in _REFUSED and not _is_off(value):
+            raise AdapterFileError(
+                f"{source}: {key}={value!r} is a setting lora-vlm does not know (written by "
+                f"peft {config.get('peft_version', '?')}); it cannot tell whether it changes "
+                "what the adapter computes")
+    _check_init(config.get("init_lora_weights", True), source)
+
+
+def _is_rank(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _setting(config: dict, key: str, source: str, ok: Callable[[Any], bool], want: str,
+             default: Any = ...) -> Any:
+    if key not in config:
+        if default is ...:
+            raise AdapterFileError(f"{source}: no {key!r} (PEFT always writes it)")
+        return default
+    if not ok(config[key]):
+        raise AdapterFileError(f"{source}: {key}={config[key]!r}, expected {want}")
+    return config[key]
+
+
+def _patterns(config: dict, key: str, source: str, ok: Callable[[Any], bool],
+              want: str) -> dict[str, Any]:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFileError(f"{source}: {key} is a {type(patterns).__name__}, expected an "
+                               "object of module pattern -> value")
+    for k, v in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise AdapterFileError(f"{source}: {key} key {k!r} is not a regex ({e})") from e
+        if not ok(v):
+            raise AdapterFileError(f"{source}: {key}[{k!r}]={v!r}, expected {want}")
+    return patterns
+
+
+def _read_config(config_path: Path) -> tuple[dict, LoRAConfig]:
+    """The validated config: its rank_pattern / alpha_pattern by name, and a LoRAConfig."""
+    source = str(config_path)
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{source}: cannot read PEFT config ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{source}: not a JSON object")
+    _check_supported(config, source)
+    r = _setting(config, "r", source, _is_rank, "a positive integer")
+    alpha = _setting(config, "lora_alpha", source, _is_real, "a finite number")
+    dropout = _setting(config, "lora_dropout", source, lambda v: _is_real(v) and 0 <= v < 1,
+                       "a number in [0, 1)", 0.0)
+    rslora = _setting(config, "use_rslora", source, lambda v: isinstance(v, bool), "true/false",
+                      False)
+    patterns = {"rank_pattern": _patterns(config, "rank_pattern", source, _is_rank,
+                                          "a positive integer"),
+                "alpha_pattern": _patterns(config, "alpha_pattern", source, _is_real,
+                                           "a finite number")}
+    return patterns, LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora)
 
 
 def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str = "default",
               activate: bool = True) -> LoRAInjection:
-    """Import a PEFT LoRA directory into a model or injection, validated like load_adapter."""
+    """Import a PEFT LoRA directory into a model or injection, validated like load_adapter.
+
+    Refuses, before the model changes, configs that are incomplete or malformed, that use
+    settings changing the maths (DoRA, trained biases...), or whose adapter fits only a base
+    PEFT modified at initialisation (PiSSA, OLoRA, CorDA, LoRA-GA unless converted; LoftQ).
+    """
     in_dir = Path(in_dir)
     config_path, weights_path = in_dir / CONFIG_NAME, in_dir / WEIGHTS_NAME
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{config_path}: cannot read PEFT config ({e})") from e
-    _check_supported(config, str(config_path))
+    patterns, cfg = _read_config(config_path)
     tensors, _ = read_adapter_file(weights_path)
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
@@ -97,16 +261,19 @@ def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str =
     linears = linear_modules(model)
     order = {n: i for i, n in enumerate(linears)}  # model order, not the file's sorted order
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors}, key=lambda p: order.get(p, -1))
-    r0, alpha0 = int(config["r"]), float(config["lora_alpha"])
     spec = {}
     for p in paths:
+        ranks = patterns["rank_pattern"]
+        r = _pattern_value(p, ranks, cfg.r)
         a = tensors.get(f"{p}.lora_A.weight")
-        r = a.shape[0] if a is not None else r0
-        alpha = float(_pattern_value(p, config.get("alpha_pattern") or {}, alpha0))
-        spec[p] = (int(r), alpha)
+        if a is not None and a.ndim == 2 and a.shape[0] != r:
+            key = _pattern_key(p, ranks)
+            said = f"r={r}" if key is None else f"rank_pattern key {key!r} gives r={r}"
+            raise AdapterFileError(f"{config_path}: {said} for {p!r}, but its lora_A in "
+                                   f"{weights_path} has rank {a.shape[0]}")
+        spec[p] = (r, float(_pattern_value(p, patterns["alpha_pattern"], cfg.alpha)))
     validate_state(linears, spec, tensors, str(weights_path))
-    lora_config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0)),
-                             rslora=bool(config.get("use_rslora", False)), targets=tuple(paths))
+    cfg.targets = tuple(paths)
     injection = target if isinstance(target, LoRAInjection) else LoRAInjection(model)
-    injection.attach(name, lora_config, spec, tensors, activate=activate)
+    injection.attach(name, cfg, spec, tensors, activate=activate)
     return injection
