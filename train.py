@@ -139,7 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt", default="",
                    help="text prefix before every caption, masked out of the loss "
                         "(LAVIS uses 'a picture of ')")
-    g.add_argument("--max-length", type=int, default=64, help="max tokens of prompt + caption")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="max tokens of prompt + caption (VQA: of the question, and of the "
+                        "answer); longer texts are cut with a warning naming their file and line "
+                        "(default: 64, or the model's limit if lower)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=int, default=16, help="adapter rank")
     g.add_argument("--alpha", type=float, default=32.0, help="scale numerator: delta × alpha/r")
@@ -386,7 +389,12 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
     if quantized := quantize_model(model, args.quantize, args.double_quant):
         log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", args.model,
                  len(quantized), args.quantize, frozen_bytes(model) / 1e6)
-    task = make_task(model, processor, task_name, prompt=args.prompt, max_length=args.max_length)
+    try:
+        task = make_task(model, processor, task_name, prompt=args.prompt,
+                         max_length=args.max_length)
+    except ValueError as e:  # a --max-length or --prompt this model cannot take
+        raise RunError(str(e)) from None
+    args.max_length = task.max_length  # the value used, recorded and compared on resume
     train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
     args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file
     out_dir = choose_output_dir(args, task_name)
@@ -661,6 +669,10 @@ def finish(run: Run) -> Path:
     distributed.barrier()  # the adapter is on disk before any rank returns
     if not run.main_rank:
         return final  # the exact-match report below is rank 0's alone
+    if run.task.truncations is not None and run.task.truncations.count:
+        log.info("%d training/validation samples were longer than --max-length %d tokens "
+                    "and were truncated (the first ones are named above)",
+                    run.task.truncations.count, run.task.max_length)
     if run.args.eval_file.lower() != "none":
         report_exact_match(run.task, run.injection, run.args, run.amp_dtype, run.device,
                            run.out_dir)

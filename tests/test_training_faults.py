@@ -157,8 +157,8 @@ def test_a_second_run_on_a_busy_folder_stops_with_a_message(setup, tmp_path, cap
 def test_changed_max_length_is_refused_on_resume(setup, tmp_path):
     out = tmp_path / "b"
     train.main(_args(setup, out, "--stop-after-steps", "1"))
-    with pytest.raises(SystemExit, match="max_length: 64 then, 32 now") as stop:
-        train.main(_args(setup, out, "--resume", "auto", "--max-length", "32"))
+    with pytest.raises(SystemExit, match="max_length: 32 then, 16 now") as stop:
+        train.main(_args(setup, out, "--resume", "auto", "--max-length", "16"))
     assert stop.value.code == 2
     # Settings that only change speed or reporting may change.
     train.main(_args(setup, out, "--resume", "auto", "--num-workers", "0", "--save-every", "5"))
