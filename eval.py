@@ -12,6 +12,12 @@ right/wrong) and contact_sheet.png.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers sleep instead of spin-waiting, so one busy
+# process on another core does not slow this one several-fold (bench/bench_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import sys
