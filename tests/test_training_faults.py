@@ -260,3 +260,24 @@ def test_accumulated_window_logs_the_loss_and_gradient_of_one_big_batch(tmp_path
     assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
     # A per-micro-batch mean (the classic mistake) would differ by far more than that.
     assert big["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-tensors", "adapter-missing"])
+def test_a_damaged_checkpoint_is_one_message_not_a_traceback(setup, tmp_path, capsys, damage):
+    out = tmp_path / "b"
+    train.main(_args(setup, out, "--stop-after-steps", "1"))
+    folder = out / "checkpoints/step-000001"
+    if damage == "truncated":
+        state = folder / "train_state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "not-tensors":
+        torch.save({"position": {"step": 1}, "run": object()}, folder / "train_state.pt")
+    else:
+        (folder / "adapter.safetensors").unlink()
+    with pytest.raises(SystemExit) as stop:
+        train.main(_args(setup, out, "--resume", str(folder)))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    message = err.splitlines()[-1]  # after the loading progress bar
+    assert message.startswith("train.py: error: ") and str(folder) in message
+    assert "Traceback" not in err
