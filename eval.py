@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP workers sleep instead of spin-waiting, so one busy
-# process on another core does not slow this one several-fold (bench/bench_threads.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: idle OpenMP workers spin briefly, then sleep, so a process that
+# starts on a busy core later costs ~3x instead of ~6x (training/threads.py has the numbers).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 from evaluation import caption_scores, exact_match, is_correct, vqa_scores
 from evaluation.report import Row, write_contact_sheet, write_html
 from models.api import Pipeline
 from train import DEFAULT_DATA, ROOT, HelpFormatter
+from training.threads import choose_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-beams", type=int, default=1, help="beam width")
     p.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
     p.add_argument("--out-dir", default="runs/eval", help="where eval.json and eval.md go")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: one per core idle at start)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="also write report.html (images embedded) and contact_sheet.png")
     return p.parse_args(argv)
@@ -83,8 +83,7 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate base and adapters; returns {system: {metric: value}}."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     pipe = Pipeline(args.model, args.adapter, task=args.task)
     eval_file = args.eval_file or str(ROOT / DEFAULT_DATA[pipe.task.name][1])
     samples = pipe.task.load_samples(eval_file)[0]

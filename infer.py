@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP workers sleep instead of spin-waiting, so one busy
-# process on another core does not slow this one several-fold (bench/bench_threads.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: idle OpenMP workers spin briefly, then sleep, so a process that
+# starts on a busy core later costs ~3x instead of ~6x (training/threads.py has the numbers).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
 import json
@@ -32,6 +32,7 @@ from data.formats import load_image
 from lora import QUANT_MODES
 from models.api import Pipeline
 from train import HelpFormatter
+from training.threads import choose_threads
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write results to this .json or .jsonl file instead of stdout")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--fp16", action="store_true", help="load the model in float16 (GPU)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: one per core idle at start)")
     return p.parse_args(argv)
 
 
@@ -105,8 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Caption every input image; returns [{"image", "caption"}]."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     torch.manual_seed(args.seed)
     images = find_images(args.inputs)
     task = args.task or ("vqa" if args.question else None)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP workers sleep instead of spin-waiting, so one busy
-# process on another core does not slow this one several-fold (bench/bench_threads.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: idle OpenMP workers spin briefly, then sleep, so a process that
+# starts on a busy core later costs ~3x instead of ~6x (training/threads.py has the numbers).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
 import contextlib
@@ -75,6 +75,7 @@ from training.metrics_log import MetricsLog, truncate_to
 from training.run_dir import LOCK_NAME, clean_stale_temporaries, lock_run_dir
 from training.schedule import make_scheduler
 from training.signals import graceful_interrupts
+from training.threads import choose_threads
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -191,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "schedule unchanged (a planned interruption; 0: run to the end)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default)")
+                   help="torch CPU threads (0: one per core idle at start, at most torch's "
+                        "default: a busy core shared by two threads slows training several-fold)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--eval-batch-size", type=int, default=32, help="images per generate call")
     g.add_argument("--num-beams", type=int, default=1, help="beam width for the final report")
@@ -323,8 +325,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Train; returns the path of the final adapter file (under torchrun, rank 0 writes it)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    choose_threads(args.threads)
     with exit_on_user_errors("train.py"), \
             distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
         return run(args, device)
