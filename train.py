@@ -45,13 +45,12 @@ from lora import (
     QUANT_MODES,
     LoRAConfig,
     LoRAInjection,
-    frozen_bytes,
     inject_lora,
     load_adapter,
-    quantize_model,
     save_adapter,
 )
 from lora.adapter_file import library_versions
+from lora.targets import model_family, resolve_targets, select_targets
 from models.loading import (
     DEFAULT_MODELS,
     enable_activation_checkpointing,
@@ -149,9 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--alpha", type=float, default=32.0, help="scale numerator: delta × alpha/r")
     g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) (rank-stabilised)")
-    g.add_argument("--targets", default="vision,text",
+    g.add_argument("--targets", default="auto",
                    help="comma list of presets (vision, text, qformer, language), module "
-                        "suffixes (attention.self.query) or 're:<regex>' on full module paths")
+                        "suffixes (attention.self.query) or 're:<regex>' on full module paths; "
+                        "auto: vision,text for BLIP, qformer,language for BLIP-2 (combine: "
+                        "auto,vision)")
     g.add_argument("--rank-pattern", action="append", default=[], metavar="PATTERN=R",
                    help="rank override for Linears a pattern matches (repeatable)")
     g.add_argument("--alpha-pattern", action="append", default=[], metavar="PATTERN=ALPHA",
@@ -384,12 +385,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
         hf_logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     args.model = args.model or DEFAULT_MODELS["vqa" if args.task == "vqa" else "caption"]
-    model, processor, task_name = load_model(
+    model, processor, task_name = load_model(  # quantized on the way to the device
         args.model, None if args.task == "auto" else args.task, dtype=DTYPES[args.base_dtype],
-        device=device)
-    if quantized := quantize_model(model, args.quantize, args.double_quant):
-        log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", args.model,
-                 len(quantized), args.quantize, frozen_bytes(model) / 1e6)
+        device=device, quantize=args.quantize, double_quant=args.double_quant)
     try:
         task = make_task(model, processor, task_name, prompt=args.prompt,
                          max_length=args.max_length)
@@ -468,9 +466,10 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
                             batch_size=args.eval_batch_size, collate_fn=task.collate,
                             num_workers=args.num_workers, generator=quiet_rng())
 
+    targets = resolve_lora_targets(args.targets, model)
+    args.targets = ",".join(targets)  # the presets used, recorded and compared on resume
     lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
-                          targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                          rank_pattern=parse_patterns(args.rank_pattern, int),
+                          targets=targets, rank_pattern=parse_patterns(args.rank_pattern, int),
                           alpha_pattern=parse_patterns(args.alpha_pattern, float))
     # A damaged checkpoint fails here, in load_state, before the model changes.
     state, pos = load_state(resume_dir) if resume_dir else (None, Position())
@@ -522,6 +521,22 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
                tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
                     disable=not distributed.is_main()),
                main_rank=distributed.is_main(), world=world)
+
+
+def resolve_lora_targets(flag: str, model: torch.nn.Module) -> tuple[str, ...]:
+    """--targets with ``auto`` resolved for this model, logged with the Linears they select; a
+    target that selects nothing is a RunError naming the presets that would."""
+    given = tuple(t.strip() for t in flag.split(",") if t.strip())
+    try:
+        targets = resolve_targets(model, given)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if not targets:
+        raise RunError("--targets is empty: name presets, module suffixes or 're:' regexes")
+    auto = f"auto ({model_family(model)}) → " if "auto" in given else ""
+    log.info("LoRA targets: %s%s: %d Linear layers", auto, ", ".join(targets),
+             len(select_targets(model, targets)))
+    return targets
 
 
 def check_resume_settings(saved: dict[str, Any], now: dict[str, Any], resume_dir: Path) -> None:

@@ -33,15 +33,17 @@ def check_dropout(p: Any, what: str = "dropout") -> float:
 class LoRAConfig:
     """Rank, alpha, dropout, rsLoRA and which Linears get an adapter (see lora.targets).
 
-    ``rank_pattern`` / ``alpha_pattern`` override r / alpha for the Linears a pattern matches
-    (same syntax as ``targets``; the first matching pattern wins).
+    ``targets`` defaults to ``auto`` (the model family's presets); an adapter created from this
+    config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
+    alpha for the Linears a pattern matches (same syntax as ``targets``; the first matching
+    pattern wins).
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    targets: tuple[str, ...] = ("vision", "text")
+    targets: tuple[str, ...] = ("auto",)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 

@@ -8,6 +8,7 @@ so moving the model does not move them: ``injection.to(device)`` does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -18,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import LoRAConfig
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
-from .targets import first_match, linear_modules, select_targets
+from .targets import first_match, linear_modules, resolve_targets, select_targets
 
 # module path -> (r, alpha): the resolved shape of one adapter.
 AdapterSpec = dict[str, tuple[int, float]]
@@ -108,7 +109,11 @@ class LoRAInjection(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoRAConfig, activate: bool = True) -> AdapterSet:
-        """A fresh adapter (B = 0: outputs unchanged) on the Linears that ``config`` selects."""
+        """A fresh adapter (B = 0: outputs unchanged) on the Linears that ``config`` selects.
+
+        The adapter keeps ``config`` with ``auto`` resolved, so its file names the presets used.
+        """
+        config = dataclasses.replace(config, targets=resolve_targets(self.model, config.targets))
         return self.attach(name, config, resolve_spec(self.model, config), activate=activate)
 
     def attach(
@@ -302,9 +307,16 @@ class LoRAInjection(nn.Module):
         return [p for s in sets for p in s.parameters()]
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts over the base model plus adapters."""
+        """(trainable, total) parameter counts over the base model plus adapters.
+
+        A quantized Linear counts its logical (out × in) weight, which it stores as buffers,
+        so the totals do not depend on how the base is stored.
+        """
         params = list(self.model.parameters()) + list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        quantized = sum(m.out_features * m.in_features for m in self.model.modules()
+                        if isinstance(m, QuantizedLinear))
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        return trainable, sum(p.numel() for p in params) + quantized
 
     def describe(self) -> str:
         """One line: trainable vs total parameters."""

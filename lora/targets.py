@@ -1,6 +1,7 @@
 """Which nn.Linear layers get an adapter: presets per model part, suffixes and regexes.
 
 A target is one of
+  * ``auto``: the preset set of the model's family (AUTO_TARGETS), resolved per model;
   * a preset name from PRESETS (``vision``, ``text``, ``qformer``, ``language``);
   * ``re:<regex>``: the regex must match the whole module path;
   * anything else: a module-path suffix on dot boundaries (``query`` matches
@@ -47,6 +48,35 @@ PRESETS: dict[str, str] = {
 }
 
 
+# --targets auto, per model family. What an adapter file stores is the resolved preset names,
+# so a saved adapter never depends on what ``auto`` means in a later version.
+AUTO_TARGETS: dict[str, tuple[str, ...]] = {
+    # Every Linear but the LM head (tied to the word embeddings). VQA's ``text`` covers both the
+    # question encoder and the answer decoder. Reached 98% exact match here (FIELD_NOTES.md).
+    "BLIP caption": ("vision", "text"),
+    "BLIP VQA": ("vision", "text"),
+    # The Q-Former (the part BLIP-2 trains between its frozen ViT and LLM) and the language
+    # model's attention + MLP (q/k/v/o + fc1/fc2 or wi/wo, as PEFT recipes for OPT/T5 do). The
+    # ViT is left out: with no adapter there, backward stops at the Q-Former's cross-attention,
+    # and on ViT-g (1B parameters, 257 tokens per image) that pass costs more than the language
+    # model's does on short texts. Add it with --targets auto,vision (the BLIP-2 paper tunes
+    # the ViT too when fully fine-tuning for captioning).
+    "BLIP-2 OPT": ("qformer", "language"),
+    "BLIP-2 T5": ("qformer", "language"),
+}
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The AUTO_TARGETS family of ``model`` (BLIP-2 by its language model type), else None."""
+    kind = type(model).__name__
+    if kind == "Blip2ForConditionalGeneration":
+        language = getattr(getattr(model.config, "text_config", None), "model_type", None)
+        kind = {"opt": "BLIP-2 OPT", "t5": "BLIP-2 T5"}.get(language, kind)
+    kind = {"BlipForConditionalGeneration": "BLIP caption",
+            "BlipForQuestionAnswering": "BLIP VQA"}.get(kind, kind)
+    return kind if kind in AUTO_TARGETS else None
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether module path ``name`` is selected by one target ``pattern``."""
     if pattern in PRESETS:
@@ -76,17 +106,41 @@ def candidate_summary(names: Iterable[str]) -> str:
     return "\n  ".join(folded)
 
 
-def select_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
-    """Module paths of the Linears selected by any of ``targets``; each must match something."""
+def _presets_here(model: nn.Module, names: list[str]) -> str:
+    """Which presets select something in ``model``, and what ``auto`` means for it."""
+    here = [p for p in PRESETS if any(matches(n, p) for n in names)]
+    family = model_family(model)
+    auto = f" (auto = {', '.join(AUTO_TARGETS[family])})" if family else ""
+    return f"presets that match here: {', '.join(here) or 'none'}{auto}"
+
+
+def resolve_targets(model: nn.Module, targets: Iterable[str]) -> tuple[str, ...]:
+    """``targets`` with ``auto`` replaced by the model family's presets, duplicates dropped;
+    each must select at least one Linear of ``model`` (ValueError naming what would)."""
     names = linear_names(model)
-    targets = list(targets)
+    resolved: list[str] = []
     for t in targets:
+        if t != "auto":
+            resolved.append(t)
+        elif (family := model_family(model)) is not None:
+            resolved += AUTO_TARGETS[family]
+        else:
+            raise ValueError(f"--targets auto: no preset set for {type(model).__name__} (known: "
+                             f"{', '.join(AUTO_TARGETS)}); name the targets; "
+                             f"{_presets_here(model, names)}")
+    for t in resolved:
         if not any(matches(n, t) for n in names):
             raise ValueError(
-                f"LoRA target {t!r} matches no nn.Linear in {type(model).__name__}. "
-                f"Presets: {sorted(PRESETS)}. Linear layers:\n  {candidate_summary(names)}"
-            )
-    return [n for n in names if any(matches(n, t) for t in targets)]
+                f"LoRA target {t!r} matches no nn.Linear in {type(model).__name__}; "
+                f"{_presets_here(model, names)}. Linear layers:\n  {candidate_summary(names)}")
+    return tuple(dict.fromkeys(resolved))
+
+
+def select_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Module paths of the Linears selected by any of ``targets`` (``auto`` resolved); each
+    target must match something."""
+    targets = resolve_targets(model, targets)
+    return [n for n in linear_modules(model) if any(matches(n, t) for t in targets)]
 
 
 def first_match(name: str, patterns: Mapping[str, float]) -> float | None:
