@@ -120,10 +120,15 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> list[st
 
 
 def quantize_model(model: nn.Module, mode: str, double_quant: bool = True,
-                   skip: tuple[str, ...] = ()) -> list[str]:
+                   skip: tuple[str, ...] = (), device: str | torch.device | None = None
+                   ) -> list[str]:
     """Replace the quantizable Linears by QuantizedLinear in place; returns their paths.
 
-    Call it before attaching adapters: LoRAInjection records the Linears it hooks.
+    Each full-precision weight is dropped as soon as its layer is quantized. With ``device``,
+    each Linear moves there alone and is quantized there, so a model still on the CPU reaches
+    a GPU one layer at a time rather than as a whole full-precision base (the rest of the
+    model is left where it is). Call it before attaching adapters: LoRAInjection records the
+    Linears it hooks.
     """
     if mode == "none":
         return []
@@ -131,7 +136,10 @@ def quantize_model(model: nn.Module, mode: str, double_quant: bool = True,
     for name in paths:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, QuantizedLinear(getattr(owner, child), mode, double_quant))
+        linear = getattr(owner, child)
+        if device is not None:
+            linear.to(device)
+        setattr(owner, child, QuantizedLinear(linear, mode, double_quant))
     return paths
 
 

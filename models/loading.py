@@ -7,6 +7,9 @@ stand-in that runs anywhere (see its README). Real checkpoints load through the 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lora.quantized_linear import QuantizedLinear, frozen_bytes, quantize_model
+
 from .blip_vqa import restore_cross_attention_masks
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded stand-ins per task, relative to the checkout so adapter metadata stays portable.
@@ -55,17 +62,74 @@ def architecture(model_id: str) -> str:
 
 
 def load_model(model_id: str, task: str | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, str]:
-    """(model in eval mode, processor, task) for a hub id or a local checkpoint directory."""
+               device: str | torch.device = "cpu", quantize: str = "none",
+               double_quant: bool = True) -> tuple[PreTrainedModel, Any, str]:
+    """(model in eval mode, processor, task) for a hub id or a local checkpoint directory.
+
+    ``quantize`` (int8 / nf4) replaces the base's Linears by QuantizedLinear on the way to
+    ``device`` (see place_model): only the quantized base is ever resident there.
+    """
     model_id = resolve_model_id(model_id)
     cls, tasks = ARCHITECTURES[architecture(model_id)]
     task = task or tasks[0]
     if task not in tasks:
         raise ValueError(f"{model_id} is a {cls.__name__}: it trains {tasks}, not {task!r}")
-    model = cls.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    model = cls.from_pretrained(model_id, dtype=dtype).eval()  # on the CPU, weights mmapped
+    if quantized := place_model(model, device, quantize, double_quant):
+        log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", model_id,
+                 len(quantized), quantize, frozen_bytes(model) / 1e6)
     if cls is BlipForQuestionAnswering:
         restore_cross_attention_masks(model)  # transformers 5.23 drops the question mask
     return model, AutoProcessor.from_pretrained(model_id), task
+
+
+def place_model(model: torch.nn.Module, device: str | torch.device, quantize: str = "none",
+                double_quant: bool = True) -> list[str]:
+    """Move a model on the CPU to ``device``, quantizing its Linears on the way; their paths.
+
+    Each Linear moves alone and is quantized on ``device``, its full-precision weight dropped
+    right after, so the full-precision base never sits on a GPU; then the rest moves. On the
+    CPU the rest is copied out of the checkpoint's memory map: while any tensor reads from the
+    map, every page of it that quantization read stays resident beside the quantized copies.
+    """
+    device = torch.device(device)
+    paths = quantize_model(model, quantize, double_quant, device=device)
+    model.to(device)
+    if paths:
+        if device.type == "cpu":
+            _copy_out_of_checkpoint(model)
+        release_freed_memory()
+    return paths
+
+
+@torch.no_grad()
+def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer outside the QuantizedLinears memory of its own.
+
+    Parameters keep their identity (only ``.data`` changes), so tied weights stay tied.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):  # built from fresh tensors already
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in copies:
+                copies[id(p)] = p
+                p.data = p.data.clone()
+        for name, b in module.named_buffers(recurse=False):
+            if id(b) not in copies:
+                copies[id(b)] = b.clone()
+            module._buffers[name] = copies[id(b)]
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so RSS shows what is live (glibc only).
+
+    glibc keeps freed chunks below its mmap threshold (up to 32 MB, e.g. a BLIP layer's
+    weight) in the heap; without this, RSS stays at its loading peak after quantization.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

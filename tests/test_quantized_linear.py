@@ -111,6 +111,20 @@ def test_quantize_model_replaces_every_linear_but_the_tied_head(mode):
     assert quantize_model(tiny_blip(), "none") == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_parameter_summary_counts_a_quantized_linear_as_its_weight(mode):
+    config = LoRAConfig(r=4, alpha=8, targets=("vision", "text"))
+    plain = inject_lora(tiny_blip(), config)
+    model = tiny_blip()
+    quantize_model(model, mode)
+    quantized = inject_lora(model, config)
+    assert quantized.parameter_counts() == plain.parameter_counts()
+    n_weights = sum(p.numel() for p in tiny_blip().parameters())  # out × in per Linear, bias...
+    trainable = sum(p.numel() for p in quantized.parameters())
+    assert quantized.parameter_counts() == (trainable, n_weights + trainable)
+    assert quantized.describe() == plain.describe()
+
+
 def test_skip_keeps_named_linears_in_full_precision():
     model = tiny_blip()
     quantize_model(model, "nf4", skip=("query",))
