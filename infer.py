@@ -4,9 +4,12 @@
     python infer.py image_test/ --adapter runs/caption-lora/adapter.safetensors --merge
     python infer.py a.jpg b.jpg --model Salesforce/blip-image-captioning-large --num-beams 3
     python infer.py a.jpg --model Salesforce/blip-vqa-base --question "how many dogs?"
+    python infer.py a.jpg --adapter runs/caption-peft/          # a PEFT adapter directory
 
 Each adapter's settings (rank, alpha, targets, base model, prompt) come from its file's
-metadata. --merge folds the adapters into the weights: inference then costs exactly the base.
+metadata, or from a PEFT directory's adapter_config.json (task and prompt from the
+lora_vlm.json that export.py --peft writes beside it). --merge folds the adapters into the
+weights: inference then costs exactly the base.
 Prints "<image>\t<caption>" (or "<image>\t<question>\t<answer>") lines, or writes JSON /
 JSONL with --output.
 """
@@ -32,6 +35,7 @@ from data.formats import load_image
 from lora import QUANT_MODES
 from models.api import Pipeline
 from train import HelpFormatter
+from training.errors import RunError, exit_on_user_errors
 from training.threads import choose_threads
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -45,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hub id or local BLIP directory (default: the adapters' base model, "
                         "else the embedded tiny BLIP)")
     p.add_argument("--adapter", action="append", default=[],
-                   help="adapter .safetensors file (repeatable: their deltas add up)")
+                   help="adapter .safetensors file or PEFT adapter directory "
+                        "(adapter_config.json + adapter_model.safetensors); repeatable: their "
+                        "deltas add up")
     p.add_argument("--merge", action="store_true",
                    help="merge adapters into the weights (no per-layer hook cost); with "
                         "--quantize the merge happens in full precision, then W + BA is quantized")
@@ -104,16 +110,27 @@ def write_results(results: list[dict], output: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Caption every input image; returns [{"image", "caption"}]."""
+    """Caption every input image; returns [{"image", "caption"}]. A bad adapter or model
+    ends in one error line and exit status 2."""
     args = parse_args(argv)
+    with exit_on_user_errors("infer.py"):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """main's work, once the flags are parsed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     choose_threads(args.threads)
     torch.manual_seed(args.seed)
     images = find_images(args.inputs)
     task = args.task or ("vqa" if args.question else None)
-    pipe = Pipeline(args.model, args.adapter, merge=args.merge, task=task, device=args.device,
-                    dtype=torch.float16 if args.fp16 else torch.float32, prompt=args.prompt,
-                    quantize=args.quantize, double_quant=args.double_quant)
+    try:
+        pipe = Pipeline(args.model, args.adapter, merge=args.merge, task=task,
+                        device=args.device, dtype=torch.float16 if args.fp16 else torch.float32,
+                        prompt=args.prompt, quantize=args.quantize,
+                        double_quant=args.double_quant)
+    except ValueError as e:  # a model or task these adapters / this architecture cannot take
+        raise RunError(str(e)) from None
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                do_sample=args.do_sample, top_p=args.top_p, temperature=args.temperature)
     # One query per (image, question) pair, or per image when captioning.

@@ -1,0 +1,117 @@
+"""Export a base model with its LoRA adapters merged, as a standalone transformers checkpoint,
+and/or one adapter as a PEFT adapter directory.
+
+    python export.py --adapter runs/caption-lora/adapter.safetensors --out exports/cubes
+    python export.py --adapter runs/caption-lora/adapter.safetensors --peft exports/cubes-peft
+    python export.py --adapter a.safetensors --adapter b.safetensors --out merged --dtype fp16
+
+--out DIR holds what save_pretrained writes for the merged model and its processor, so
+``BlipForConditionalGeneration.from_pretrained(DIR)`` (or Blip2..., BlipForQuestionAnswering)
+loads it without lora-vlm or peft; plus README.md (a model card: base, each adapter's file,
+sha256 and settings, the training run's eval numbers when its eval.json sits beside the
+adapter) and lora_vlm.json (the same, with the task and caption prompt the model was trained
+with: `python infer.py IMAGE --model DIR` reads them). --peft DIR writes lora.save_peft's PEFT
+layout with the same two files; `python infer.py IMAGE --adapter DIR` loads it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: idle OpenMP workers spin briefly, then sleep, so a process that
+# starts on a busy core later costs ~3x instead of ~6x (training/threads.py has the numbers).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from models.api import Pipeline
+from models.export import (
+    DTYPES,
+    ExportError,
+    check_destination,
+    describe_source,
+    export_merged,
+    export_peft,
+)
+from models.loading import DEFAULT_MODELS
+from train import HelpFormatter
+from training.errors import RunError, exit_on_user_errors
+from training.threads import choose_threads
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--adapter", action="append", required=True,
+                   help="adapter .safetensors file or PEFT adapter directory (repeatable: "
+                        "their deltas add up in the merged model, as in infer.py)")
+    p.add_argument("--model", default=None,
+                   help="base model: hub id or local directory (default: the adapters' base "
+                        "model, as recorded in the first adapter that names one)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the merged model here (a new or empty directory, or see "
+                        "--overwrite)")
+    p.add_argument("--peft", type=Path, default=None,
+                   help="write the adapter here as a PEFT directory (one --adapter only); with "
+                        "--out, both are written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out / --peft directory (only once the new one "
+                        "is completely written)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="dtype of the merged model's weights; the merge itself is computed in "
+                        "fp32 (fp16/bf16 halve the size and round each weight once)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: one per core idle at start)")
+    args = p.parse_args(argv)
+    if args.out is None and args.peft is None:
+        p.error("nothing to write: give --out DIR (merged model), --peft DIR, or both")
+    if args.out is not None and args.peft is not None and \
+            args.out.resolve() == args.peft.resolve():
+        p.error("--out and --peft name the same directory")
+    return args
+
+
+def base_model_id(model: str | None, metadata: list[dict[str, str]]) -> str:
+    """The base as Pipeline picks it: --model, else the first adapter's, else the default."""
+    named = next((m["base_model"] for m in metadata if m.get("base_model")), None)
+    task = next((m["task"] for m in metadata if m.get("task")), None)
+    return model or named or DEFAULT_MODELS[task or "caption"]
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load base + adapters, then write the PEFT directory and/or the merged model."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    choose_threads(args.threads)
+    sources = [describe_source(a) for a in args.adapter]
+    base = base_model_id(args.model, [s.metadata for s in sources])
+    inputs = [Path(a) for a in [*args.adapter, base]]
+    for out in (args.out, args.peft):
+        if out is not None:
+            check_destination(out, args.overwrite, inputs)
+    if args.peft is not None and len(sources) != 1:
+        raise ExportError(f"--peft writes one adapter, got {len(sources)}: export each alone")
+    try:
+        pipe = Pipeline(base, args.adapter, device="cpu")
+    except ValueError as e:  # a model or task these adapters / this architecture cannot take
+        raise RunError(str(e)) from None
+    if args.peft is not None:  # before merging: export_merged changes the model
+        print(f"PEFT adapter: {export_peft(pipe, sources[0], args.peft, base)}")
+    if args.out is not None:
+        print(f"merged model: {export_merged(pipe, sources, args.out, base, DTYPES[args.dtype])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Export; a bad adapter, model or destination ends in one error line and exit status 2."""
+    args = parse_args(argv)
+    with exit_on_user_errors("export.py"):
+        try:
+            run(args)
+        except ExportError as e:
+            raise RunError(str(e)) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
