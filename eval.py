@@ -20,6 +20,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from evaluation import caption_scores, exact_match, is_correct, vqa_scores
 from evaluation.report import Row, write_contact_sheet, write_html
 from models.api import Pipeline
 from train import DEFAULT_DATA, ROOT, HelpFormatter
+from training.errors import exit_on_user_errors
 from training.threads import choose_threads
 
 
@@ -83,8 +85,10 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate base and adapters; returns {system: {metric: value}}."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # which base model was used
     choose_threads(args.threads)
-    pipe = Pipeline(args.model, args.adapter, task=args.task)
+    with exit_on_user_errors("eval.py"):  # a bad adapter file, a base model not found
+        pipe = Pipeline(args.model, args.adapter, task=args.task)
     eval_file = args.eval_file or str(ROOT / DEFAULT_DATA[pipe.task.name][1])
     samples = pipe.task.load_samples(eval_file)[0]
     units = pipe.task.eval_units(samples)

@@ -51,6 +51,7 @@ from lora import (
 )
 from lora.adapter_file import library_versions
 from lora.targets import model_family, resolve_targets, select_targets
+from models.base_model import base_model_metadata
 from models.loading import (
     DEFAULT_MODELS,
     enable_activation_checkpointing,
@@ -509,7 +510,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
         if dropped := truncate_to(metrics_path, pos.step, pos.epoch):
             log.info("metrics.jsonl: %d records after step %d dropped (they are replayed)",
                      dropped, pos.step)
-    adapter_meta = {"base_model": args.model, "task": task.name, "prompt": args.prompt,
+    # The id as given plus its absolute path: the adapter finds its base from any directory.
+    adapter_meta = {**base_model_metadata(args.model), "task": task.name, "prompt": args.prompt,
                     "trained_on_quantization": args.quantize}
     log.info("%s | %d train / %d val samples | global batch %d (%d per process × %d accumulated "
              "× %d processes) | %d optimizer steps | %s", injection.describe(), len(train_samples),

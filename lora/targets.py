@@ -57,10 +57,11 @@ AUTO_TARGETS: dict[str, tuple[str, ...]] = {
     "BLIP VQA": ("vision", "text"),
     # The Q-Former (the part BLIP-2 trains between its frozen ViT and LLM) and the language
     # model's attention + MLP (q/k/v/o + fc1/fc2 or wi/wo, as PEFT recipes for OPT/T5 do). The
-    # ViT is left out: with no adapter there, backward stops at the Q-Former's cross-attention,
-    # and on ViT-g (1B parameters, 257 tokens per image) that pass costs more than the language
-    # model's does on short texts. Add it with --targets auto,vision (the BLIP-2 paper tunes
-    # the ViT too when fully fine-tuning for captioning).
+    # ViT is left out: with no adapter there, backward stops at the Q-Former's cross-attention.
+    # ViT-g runs 1B parameters over 257 tokens per image, about what OPT-2.7B costs over 100
+    # tokens, so its backward would cost as much as the language model's or more on short
+    # texts. Add it with --targets auto,vision (the BLIP-2 paper tunes the ViT too when fully
+    # fine-tuning for captioning).
     "BLIP-2 OPT": ("qformer", "language"),
     "BLIP-2 T5": ("qformer", "language"),
 }
