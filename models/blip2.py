@@ -1,11 +1,13 @@
 """BLIP-2 (OPT or Flan-T5 language model): training batches, the token loss, generation.
 
 Items are ``(image, prompt, target)``: captioning uses prompt "" (or "a photo of"), VQA uses
-"Question: {q} Answer:". Only target tokens are learned.
+"Question: {q} Answer:". Only target tokens are learned. Prompts are stripped, and joined to
+their target by one space (models/prompts.py), in training and generation alike.
 
 * Decoder-only (OPT): ``input_ids = [<image>×Q] </s> prompt target </s>``; ``labels`` are
   ``input_ids`` with image tokens, the prompt (with its BOS) and padding set to -100, aligned
   position for position so that logits[:, t] predicts labels[:, t + 1] (the model's own shift).
+  The prompt's tokens must be the joined text's first ones (checked: a PromptError otherwise).
 * Encoder-decoder (T5): ``input_ids = [<image>×Q] prompt </s>``, ``labels = target </s>``; the
   decoder input is ``labels`` shifted right (decoder start = pad), as T5 does internally.
 
@@ -26,6 +28,7 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from .loss import IGNORE, token_loss_sum
+from .prompts import Prompt
 from .truncation import TruncationLog, cut_rows, mask_cut_ends
 
 
@@ -99,8 +102,11 @@ class Blip2Collator:
 
     def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         items = [Blip2Item(*it) for it in items]  # plain (image, prompt, target) triples too
-        images, prompts, targets = ([it[k] for it in items] for k in range(3))
+        images, targets = [it.image for it in items], [it.target for it in items]
         tok = self.processor.tokenizer
+        by_text = {p: Prompt(tok, p) for p in {it.prompt for it in items}}
+        heads = [by_text[it.prompt] for it in items]
+        prompts = [h.text for h in heads]
         common = dict(padding="longest", truncation=True, return_tensors="pt")
         if self.encoder_decoder:
             enc = self.processor(images=images, text=prompts, max_length=self.max_length,
@@ -113,18 +119,18 @@ class Blip2Collator:
             self._report(items, {f"prompt to {self.text_length} tokens": cut_prompt,
                                  f"target to {self.max_length} tokens": cut_target})
             return {**enc, "labels": labels}
-        texts = [" ".join(s for s in (p.strip(), t.strip()) if s) + tok.eos_token
-                 for p, t in zip(prompts, targets, strict=True)]
+        texts = [h.join(t) + tok.eos_token for h, t in zip(heads, targets, strict=True)]
         # Right padding: the loss ignores pads, and positions of real tokens stay 0..n-1.
         enc = self.processor(images=images, text=texts, max_length=self.max_length,
                              padding_side="right", **common)
         ids, text = enc["input_ids"], self._text_mask(enc)
+        for row, mask, head, it in zip(ids, text, heads, items, strict=True):
+            head.check(row[mask].tolist(), it.source, it.target)
         rank = text.cumsum(1)  # 1-based index of each real text token in its row
-        n_prompt = torch.tensor([len(tok(p.strip()).input_ids) for p in prompts])  # incl. BOS
+        n_prompt = torch.tensor([len(h) for h in heads])  # </s> (BOS) + prompt tokens
         # A cut text loses its </s> (it ends the string) and, when the prompt fills the window,
         # every target token: such a row has no labels.
         in_prompt = text & (rank <= n_prompt[:, None])
-        self._check_prompt_prefix(ids, in_prompt, prompts)
         labels = ids.masked_fill(~text | in_prompt, IGNORE)
         self._report(items, {f"prompt + target to {self.text_length} tokens after the image "
                              "tokens": cut_rows(tok, texts, text.sum(1), self.text_length)})
@@ -138,17 +144,6 @@ class Blip2Collator:
         for i, it in enumerate(items):
             self.truncations.report(it.source, [part for part, cut in cuts.items() if cut[i]],
                                     it.prompt + " " + it.target)
-
-    def _check_prompt_prefix(self, ids: torch.Tensor, in_prompt: torch.Tensor,
-                             prompts: list[str]) -> None:
-        # A BPE merge across the prompt/target boundary would shift the mask by a token. A
-        # prompt cut by truncation is compared on the part that was kept.
-        tok = self.processor.tokenizer
-        for row, mask, prompt in zip(ids, in_prompt, prompts, strict=True):
-            kept = row[mask].tolist()
-            if kept != tok(prompt.strip()).input_ids[: len(kept)]:
-                raise ValueError(f"prompt {prompt!r} tokenizes differently once the target is "
-                                 "appended: its label mask would be wrong")
 
 
 def model_inputs(model: Blip2ForConditionalGeneration,
@@ -179,7 +174,12 @@ def blip2_loss_sum(model: Blip2ForConditionalGeneration, batch: dict[str, torch.
 def blip2_generate(model: Blip2ForConditionalGeneration, processor: Blip2Processor,
                    images: Sequence[Image.Image], prompts: str | Sequence[str],
                    max_new_tokens: int = 30, num_beams: int = 1, **kw) -> list[str]:
-    """Answer/caption ``images`` given ``prompts`` (one, or one per image); new text only."""
+    """Answer/caption ``images`` given ``prompts`` (one, or one per image); new text only.
+
+    The prompts are stripped, as in training. OPT's generate returns its whole input (image
+    tokens, padding, prompt) in front of the new tokens: cut by that token count. T5's
+    decoder output holds new tokens only.
+    """
     check_compatible(model, processor)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     enc_dec = is_encoder_decoder(model)
@@ -191,5 +191,5 @@ def blip2_generate(model: Blip2ForConditionalGeneration, processor: Blip2Process
     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, **kw)
     if not enc_dec:
-        out = out[:, enc["input_ids"].shape[1]:]  # decoder-only generate echoes the prompt
+        out = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]

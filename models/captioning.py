@@ -1,24 +1,24 @@
 """BLIP captioning: training batches, the token loss, caption generation, a tiny Python API.
 
-Training text is ``prompt + caption``; the prompt's tokens (and padding) are -100 in ``labels``
-so only the caption is learned (as LAVIS does with "a picture of "). Generation starts from the
-prompt, and the prompt is stripped from what it returns. A text longer than ``max_length`` is cut
-(see models/truncation.py): its kept caption tokens are learned, its [SEP] is not.
+Training text is the prompt and the caption joined by one space (models/prompts.py); the
+prompt's tokens (and padding) are -100 in ``labels`` so only the caption is learned (as LAVIS
+does with "a picture of "). Generation starts from the same prompt tokens and cuts exactly
+that many tokens from what it returns. A text longer than ``max_length`` is cut (see
+models/truncation.py): its kept caption tokens are learned, its [SEP] is not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 from transformers import BlipProcessor, PreTrainedModel
 
-from evaluation.verdict import normalize_caption
-
 from .loss import IGNORE
+from .prompts import Prompt
 from .truncation import TruncationLog, cut_rows, mask_cut_ends
 
 
@@ -44,20 +44,21 @@ class CaptionCollator:
     truncations: TruncationLog = field(default_factory=TruncationLog)
 
     def __post_init__(self) -> None:
-        # [CLS] + prompt tokens; BLIP's loss is shifted, so position 0 is never a target anyway.
-        self.prompt_len = 1 + len(self.processor.tokenizer(self.prompt,
-                                                           add_special_tokens=False).input_ids)
+        # [CLS] + prompt tokens, masked in labels; [CLS] is checked, then replaced by bos.
+        self.prompt_tokens = Prompt(self.processor.tokenizer, self.prompt)
 
     def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
         items = [CaptionItem(*it) for it in items]  # plain (image, caption) pairs too
-        texts = [self.prompt + it.text for it in items]
+        texts = [self.prompt_tokens.join(it.text) for it in items]
         enc = self.processor(images=[it.image for it in items], text=texts, padding="longest",
                              truncation=True, max_length=self.max_length, return_tensors="pt")
+        for row, n, it in zip(enc["input_ids"], enc["attention_mask"].sum(1), items, strict=True):
+            self.prompt_tokens.check(row[:n].tolist(), it.source, it.text)
         if self.bos_token_id is not None:
             enc["input_ids"][:, 0] = self.bos_token_id
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
         # A prompt as long as the window leaves no target at all: a batch row with 0 targets.
-        labels[:, : self.prompt_len] = IGNORE
+        labels[:, : len(self.prompt_tokens)] = IGNORE
         cut = cut_rows(self.processor.tokenizer, texts, enc["attention_mask"].sum(1),
                        self.max_length)
         mask_cut_ends(labels, enc["attention_mask"], cut, IGNORE)
@@ -80,18 +81,22 @@ def generate_captions(
     do_sample: bool = False,
     top_p: float = 1.0,
     temperature: float = 1.0,
+    **generate_kwargs: Any,
 ) -> list[str]:
-    """Caption ``images`` (one batch); returns the text after the prompt."""
+    """Caption ``images`` (one batch); returns the text after the prompt.
+
+    BLIP's generate starts from bos + ``prompt``'s tokens (it replaces [CLS] and drops the
+    closing [SEP]) and returns them in front of the caption: cut by token count. Other
+    ``generate_kwargs`` go to ``model.generate``.
+    """
     device = next(model.parameters()).device
     inputs = processor(images=list(images), return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    if prompt:
-        text = processor.tokenizer([prompt] * len(images), return_tensors="pt").to(device)
+    head = Prompt(processor.tokenizer, prompt)
+    if head.text:
+        text = processor.tokenizer([head.text] * len(images), return_tensors="pt").to(device)
         inputs.update(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
     sampling = dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else {}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         **sampling)
-    texts = processor.batch_decode(out, skip_special_tokens=True)
-    head = normalize_caption(prompt)
-    return [t.strip()[len(head):].strip() if head and normalize_caption(t).startswith(head)
-            else t.strip() for t in texts]
+                         **sampling, **generate_kwargs)
+    return [t.strip() for t in processor.batch_decode(head.cut(out), skip_special_tokens=True)]

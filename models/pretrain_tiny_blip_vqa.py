@@ -43,13 +43,13 @@ from transformers import (
 from data.formats import load_image
 from data.scenes import COLOURS, RELATIONS, SHAPES, render_shape_scene, sample_shape_scene
 from data.vqa_formats import load_vqa_samples
+from evaluation.verdict import normalize_caption
 from models.blip_vqa import (
     VQACollator,
     restore_cross_attention_masks,
     vqa_generate,
     vqa_loss_sum,
 )
-from models.captioning import normalize_caption
 from models.loading import load_model
 from models.pretrain_tiny_blip import (
     add_recipe_args,

@@ -34,11 +34,11 @@ from .blip2 import (
 from .blip_vqa import VQACollator, VQAItem, vqa_generate, vqa_loss_sum
 from .captioning import CaptionCollator, CaptionItem, generate_captions
 from .loss import count_targets, token_loss_sum
+from .prompts import BLIP2_VQA_PROMPT
 from .truncation import TruncationLog
 
 log = logging.getLogger(__name__)
 Sample = CaptionSample | VQASample
-BLIP2_VQA_PROMPT = "Question: {} Answer:"
 DEFAULT_MAX_LENGTH = 64  # tokens per training text when the caller names no limit
 
 
@@ -162,7 +162,8 @@ def effective_max_length(model: PreTrainedModel, max_length: int | None) -> int:
 
 def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "",
               max_length: int | None = None) -> Task:
-    """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2).
+    """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2), joined
+    by one space (models/prompts.py); VQA takes none (BLIP-2 asks BLIP2_VQA_PROMPT).
 
     ``max_length`` caps each training text in tokens (None: DEFAULT_MAX_LENGTH); it is lowered
     to what the model's text side takes (``Task.max_length`` holds the value used), and the
@@ -171,6 +172,10 @@ def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "
     family = "blip2" if type(model).__name__.startswith("Blip2") else "blip"
     bos = model.config.text_config.bos_token_id if family == "blip" else None
     max_length = effective_max_length(model, max_length)
+    if task == "vqa" and prompt.strip():
+        asked = (f"BLIP-2 asks each question as {BLIP2_VQA_PROMPT!r}" if family == "blip2"
+                 else "BLIP VQA reads the question alone")
+        raise ValueError(f"a prompt ({prompt!r}) applies to captioning only: {asked}")
     if (family, task) == ("blip", "caption"):
         collator = CaptionCollator(processor, prompt, max_length, bos_token_id=bos)
         return Task(

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from blip2_tiny import QUERY_TOKENS, tiny_blip2
-from conftest import write_tiny_dataset, write_tiny_model_dir
+from conftest import write_tiny_dataset
 from PIL import Image
+from real_tokenizers import write_real_checkpoint
 
 import train
 from data.formats import CaptionSample
@@ -22,15 +23,22 @@ from models.tasks import TaskDataset, make_task
 
 LONG = " ".join(["red"] * 10_000)
 ASKED = 100  # --max-length asked for: above BLIP's 32 and OPT's 64 positions, T5 keeps it
+BLIP_POSITIONS = 32
+
+
+def blip_dir(path: Path, family: str = "blip-caption") -> Path:
+    """A real-layout BLIP checkpoint ([DEC] bos, WordPiece) with 32 text positions."""
+    return write_real_checkpoint(path, family, text_positions=BLIP_POSITIONS)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(model, processor) per family: tiny BLIP caption / VQA (32 positions), BLIP-2 OPT (64
-    positions, QUERY_TOKENS of them image tokens) and T5 (relative positions: no table)."""
+    """(model, processor) per family: BLIP caption / VQA (32 positions), BLIP-2 OPT (64
+    positions, QUERY_TOKENS of them image tokens) and T5 (relative positions: no table), each
+    with its real tokenizer type."""
     root = tmp_path_factory.mktemp("models")
-    blip = load_model(str(write_tiny_model_dir(root / "cap")))[:2]
-    blip_vqa = load_model(str(write_tiny_model_dir(root / "vqa", vqa=True)))[:2]
+    blip = load_model(str(blip_dir(root / "cap")))[:2]
+    blip_vqa = load_model(str(blip_dir(root / "vqa", "blip-vqa")))[:2]
     return {"blip-caption": blip, "blip-vqa": blip_vqa, "opt": tiny_blip2("opt"),
             "t5": tiny_blip2("t5")}
 
@@ -53,7 +61,11 @@ def _warnings(caplog) -> list[str]:
 
 
 def _ids(processor, word: str) -> int:
-    return processor.tokenizer.convert_tokens_to_ids(word)
+    """The id of ``word`` after a space, as in "a red": "red" (WordPiece), "Ġred" (byte-level
+    BPE), "▁red" (Unigram)."""
+    ids = processor.tokenizer("a " + word, add_special_tokens=False).input_ids
+    assert len(ids) == 2, f"{word!r} is not one token here"
+    return ids[1]
 
 
 def _kept_targets(labels: torch.Tensor) -> list[int]:
@@ -63,7 +75,7 @@ def _kept_targets(labels: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("family", ["blip-caption", "opt", "t5"])
 def test_caption_collators_cut_long_captions(models, image_file, caplog, family):
     model, processor = models[family]
-    # "a cube on": three words in both tiny vocabularies; BLIP glues the prompt to the caption.
+    # "a cube on": three tokens in every vocabulary; one space joins it to the caption.
     task = make_task(model, processor, "caption", prompt="a cube on ", max_length=ASKED)
     limit = {"blip-caption": 32, "opt": 64, "t5": ASKED}[family]
     samples = [CaptionSample(image_file, "a red cube", "short.jsonl:1"),
@@ -79,7 +91,7 @@ def test_caption_collators_cut_long_captions(models, image_file, caplog, family)
     kept = _kept_targets(batch["labels"][1])
     # Only caption tokens of the kept part are targets: no prompt, and no end-of-text marker,
     # since the caption does not end where it was cut.
-    if family == "blip-caption":  # [CLS] a cube on red ... red [SEP]: 32 positions
+    if family == "blip-caption":  # [DEC] a cube on red ... red [SEP]: 32 positions
         assert kept == [red] * (limit - 1 - 3 - 1)
     elif family == "opt":  # 4 image tokens, </s> a cube on red ... red (the </s> cut away)
         assert kept == [red] * (limit - QUERY_TOKENS - 1 - 3)
@@ -191,7 +203,7 @@ def test_max_length_too_small_is_refused(models):
 
 def test_train_py_with_a_10000_word_caption(tmp_path, caplog):
     """The reported crash: --max-length 64 (the default then) on a model with 32 positions."""
-    model_dir = write_tiny_model_dir(tmp_path / "m")
+    model_dir = blip_dir(tmp_path / "m")
     data = write_tiny_dataset(tmp_path / "d", n=6)
     lines = data.read_text().splitlines()
     record = json.loads(lines[3])
