@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import write_tiny_dataset, write_tiny_model_dir
 from safetensors.torch import load_file
+from tiny_runs import train_args, write_tiny_run
 
 import infer
 import train
@@ -82,24 +83,16 @@ def test_accumulated_gradient_equals_big_batch(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return write_tiny_model_dir(root / "model"), write_tiny_dataset(root / "data", n=12)
-
-
-def _args(setup, out, *extra):
-    model_dir, data = setup
-    return ["--model", str(model_dir), "--train-file", str(data), "--eval-file", "none",
-            "--epochs", "3", "--batch-size", "3", "--grad-accum", "2", "--dropout", "0.1",
-            "--val-fraction", "0.25", "--output-dir", str(out), "--threads", "1", *extra]
+    return write_tiny_run(tmp_path_factory.mktemp("train"))
 
 
 def test_resume_is_bit_identical(setup, tmp_path):
-    full = load_file(train.main(_args(setup, tmp_path / "a")))
+    full = load_file(train.main(train_args(setup, tmp_path / "a")))
     # 9 train samples / 3 = 3 micro-batches -> windows [0, 2), [2, 3): 2 steps per epoch.
-    train.main(_args(setup, tmp_path / "b", "--stop-after-steps", "3"))  # mid-epoch 1
+    train.main(train_args(setup, tmp_path / "b", "--stop-after-steps", "3"))  # mid-epoch 1
     state = torch.load(tmp_path / "b/checkpoints/step-000003/train_state.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["micro"] == 2
-    resumed = load_file(train.main(_args(setup, tmp_path / "b", "--resume", "auto")))
+    resumed = load_file(train.main(train_args(setup, tmp_path / "b", "--resume", "auto")))
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(not torch.equal(full[k], torch.zeros_like(full[k])) for k in full if "lora_B" in k)
@@ -115,7 +108,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
 
 def test_outputs_and_refusals(setup, tmp_path):
     out = tmp_path / "run"
-    adapter = train.main(_args(setup, out, "--epochs", "1", "--save-every", "1"))
+    adapter = train.main(train_args(setup, out, "--epochs", "1", "--save-every", "1"))
     config = json.loads((out / "run_config.json").read_text())
     assert config["global_batch"] == 6 and config["total_steps"] == 2 and config["r"] == 16
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -129,16 +122,16 @@ def test_outputs_and_refusals(setup, tmp_path):
     assert [s for s, _ in curves["loss"]] == [1, 2] and len(curves["val_loss"]) == 1
     assert [v for _, v in curves["lr"]] == [x["lr"] for x in lines if "lr" in x]
     with pytest.raises(SystemExit, match="not empty"):
-        train.main(_args(setup, out))
+        train.main(train_args(setup, out))
     with pytest.raises(SystemExit, match="settings differ"):
-        train.main(_args(setup, out, "--resume", str(out / "checkpoints/step-000002"),
+        train.main(train_args(setup, out, "--resume", str(out / "checkpoints/step-000002"),
                          "--lr", "0.1"))
     with pytest.raises(SystemExit):
-        train.main(_args(setup, tmp_path / "x", "--r", "0"))
+        train.main(train_args(setup, tmp_path / "x", "--r", "0"))
 
 
 def test_train_save_load_infer_round_trip(setup, tmp_path):
-    adapter = train.main(_args(setup, tmp_path / "run", "--epochs", "2", "--lr", "1e-2"))
+    adapter = train.main(train_args(setup, tmp_path / "run", "--epochs", "2", "--lr", "1e-2"))
     images = sorted(str(p) for p in setup[1].parent.glob("*.png"))[:4]
     hooked = infer.main([*images, "--adapter", str(adapter), "--output",
                          str(tmp_path / "c.jsonl")])
@@ -158,7 +151,7 @@ def test_train_save_load_infer_round_trip(setup, tmp_path):
 
 def test_fp16_autocast_with_grad_scaler_runs(setup, tmp_path):
     # The CUDA recipe (fp16 autocast + GradScaler) exercised on CPU: finite, trained adapters.
-    adapter = load_file(train.main(_args(setup, tmp_path / "r", "--epochs", "1",
+    adapter = load_file(train.main(train_args(setup, tmp_path / "r", "--epochs", "1",
                                          "--precision", "fp16")))
     config = json.loads((tmp_path / "r/run_config.json").read_text())
     assert config["grad_scaler"] is True and config["amp_dtype"] == "torch.float16"
@@ -168,7 +161,7 @@ def test_fp16_autocast_with_grad_scaler_runs(setup, tmp_path):
 
 def test_half_precision_base_trains_fp32_adapters(setup, tmp_path):
     # --base-dtype halves the frozen weights; adapters (and their file) stay fp32.
-    adapter = load_file(train.main(_args(setup, tmp_path / "r", "--epochs", "1",
+    adapter = load_file(train.main(train_args(setup, tmp_path / "r", "--epochs", "1",
                                          "--base-dtype", "bf16", "--precision", "fp32")))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)

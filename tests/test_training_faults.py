@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import write_tiny_dataset, write_tiny_model_dir
 from safetensors.torch import load_file
+from tiny_runs import train_args, write_tiny_run
 
 import train
 from training.run_dir import lock_run_dir
@@ -26,15 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return write_tiny_model_dir(root / "model"), write_tiny_dataset(root / "data", n=12)
-
-
-def _args(setup, out, *extra):
-    model_dir, data = setup
-    return ["--model", str(model_dir), "--train-file", str(data), "--eval-file", "none",
-            "--epochs", "3", "--batch-size", "3", "--grad-accum", "2", "--dropout", "0.1",
-            "--val-fraction", "0.25", "--output-dir", str(out), "--threads", "1", *extra]
+    return write_tiny_run(tmp_path_factory.mktemp("train"))
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -53,7 +46,7 @@ def _assert_same_outputs(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    train.main(_args(setup, out, "--save-every", "2"))
+    train.main(train_args(setup, out, "--save-every", "2"))
     records = _records(out)
     # 9 train samples / 3 = 3 micro-batches -> 2 steps per epoch; 3 epochs.
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -76,10 +69,10 @@ def test_ctrl_c_then_resume_gives_every_output_of_an_uninterrupted_run(
 
     monkeypatch.setattr(train, "forward_loss", interrupting)
     with pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, tmp_path / "b", "--save-every", "2"))
+        train.main(train_args(setup, tmp_path / "b", "--save-every", "2"))
     assert stop.value.code == 130
     monkeypatch.setattr(train, "forward_loss", real)
-    train.main(_args(setup, tmp_path / "b", "--save-every", "2", "--resume", "auto"))
+    train.main(train_args(setup, tmp_path / "b", "--save-every", "2", "--resume", "auto"))
     _assert_same_outputs(uninterrupted, tmp_path / "b")
 
 
@@ -100,7 +93,7 @@ train.main({argv!r})
 
 @pytest.mark.parametrize("at_call", [7, 11], ids=["after-periodic-checkpoint", "late"])
 def test_kill_9_then_resume_logs_each_step_once(setup, uninterrupted, tmp_path, at_call):
-    argv = _args(setup, tmp_path / "b", "--save-every", "2")
+    argv = train_args(setup, tmp_path / "b", "--save-every", "2")
     script = CRASHING_RUN.format(root=str(ROOT), at_call=at_call, argv=argv)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -114,7 +107,7 @@ def test_kill_9_then_resume_logs_each_step_once(setup, uninterrupted, tmp_path, 
 
 def test_sigterm_checkpoints_like_ctrl_c(setup, uninterrupted, tmp_path):
     out = tmp_path / "b"
-    argv = _args(setup, out, "--save-every", "2")
+    argv = train_args(setup, out, "--save-every", "2")
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -139,8 +132,8 @@ def test_resume_auto_without_a_checkpoint_starts_over_and_cleans_leftovers(
     (out / ".adapter.safetensors.x1y2.tmp").write_bytes(b"half")
     (out / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 9.0, "lr": 0.1}\n{"st')
     with pytest.raises(SystemExit, match="not empty"):
-        train.main(_args(setup, out, "--save-every", "2"))
-    train.main(_args(setup, out, "--save-every", "2", "--resume", "auto"))
+        train.main(train_args(setup, out, "--save-every", "2"))
+    train.main(train_args(setup, out, "--save-every", "2", "--resume", "auto"))
     assert not list(out.rglob("*.tmp")) and not list((out / "checkpoints").glob(".step-*"))
     _assert_same_outputs(uninterrupted, out)
 
@@ -148,7 +141,7 @@ def test_resume_auto_without_a_checkpoint_starts_over_and_cleans_leftovers(
 def test_a_second_run_on_a_busy_folder_stops_with_a_message(setup, tmp_path, capsys):
     out = tmp_path / "b"
     with lock_run_dir(out), pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, out, "--resume", "auto"))
+        train.main(train_args(setup, out, "--resume", "auto"))
     assert stop.value.code == 2
     assert "in use" in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
@@ -156,12 +149,13 @@ def test_a_second_run_on_a_busy_folder_stops_with_a_message(setup, tmp_path, cap
 
 def test_changed_max_length_is_refused_on_resume(setup, tmp_path):
     out = tmp_path / "b"
-    train.main(_args(setup, out, "--stop-after-steps", "1"))
+    train.main(train_args(setup, out, "--stop-after-steps", "1"))
     with pytest.raises(SystemExit, match="max_length: 32 then, 16 now") as stop:
-        train.main(_args(setup, out, "--resume", "auto", "--max-length", "16"))
+        train.main(train_args(setup, out, "--resume", "auto", "--max-length", "16"))
     assert stop.value.code == 2
     # Settings that only change speed or reporting may change.
-    train.main(_args(setup, out, "--resume", "auto", "--num-workers", "0", "--save-every", "5"))
+    train.main(train_args(setup, out, "--resume", "auto", "--num-workers", "0",
+                          "--save-every", "5"))
 
 
 def test_every_flag_is_compared_on_resume_unless_it_cannot_change_the_adapters():
@@ -185,7 +179,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(train, "forward_loss", nan_at_step_3)
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, out, "--save-every", "1"))
+        train.main(train_args(setup, out, "--save-every", "1"))
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "step 3 (epoch 1)" in err and "not finite" in err and "step-000002" in err
@@ -200,7 +194,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
 def test_windows_without_target_tokens_are_skipped_not_nan(setup, tmp_path, caplog):
     # A prompt that fills --max-length leaves no caption token to learn in any window.
     out = tmp_path / "b"
-    adapter = load_file(train.main(_args(setup, out, "--epochs", "1", "--dropout", "0",
+    adapter = load_file(train.main(train_args(setup, out, "--epochs", "1", "--dropout", "0",
                                          "--prompt", "a red green blue cube on a single",
                                          "--max-length", "6")))
     records = _records(out)
@@ -227,7 +221,7 @@ def test_full_disk_ends_with_one_message_and_the_previous_checkpoint_intact(
 
     monkeypatch.setattr("lora.adapter_file.save_file", full_disk)
     with pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, out, "--save-every", "1"))
+        train.main(train_args(setup, out, "--save-every", "1"))
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
@@ -265,7 +259,7 @@ def test_accumulated_window_logs_the_loss_and_gradient_of_one_big_batch(tmp_path
 @pytest.mark.parametrize("damage", ["truncated", "not-tensors", "adapter-missing"])
 def test_a_damaged_checkpoint_is_one_message_not_a_traceback(setup, tmp_path, capsys, damage):
     out = tmp_path / "b"
-    train.main(_args(setup, out, "--stop-after-steps", "1"))
+    train.main(train_args(setup, out, "--stop-after-steps", "1"))
     folder = out / "checkpoints/step-000001"
     if damage == "truncated":
         state = folder / "train_state.pt"
@@ -275,7 +269,7 @@ def test_a_damaged_checkpoint_is_one_message_not_a_traceback(setup, tmp_path, ca
     else:
         (folder / "adapter.safetensors").unlink()
     with pytest.raises(SystemExit) as stop:
-        train.main(_args(setup, out, "--resume", str(folder)))
+        train.main(train_args(setup, out, "--resume", str(folder)))
     assert stop.value.code == 2
     err = capsys.readouterr().err
     message = err.splitlines()[-1]  # after the loading progress bar
