@@ -173,7 +173,8 @@ def blip2_loss_sum(model: Blip2ForConditionalGeneration, batch: dict[str, torch.
 @torch.no_grad()
 def blip2_generate(model: Blip2ForConditionalGeneration, processor: Blip2Processor,
                    images: Sequence[Image.Image], prompts: str | Sequence[str],
-                   max_new_tokens: int = 30, num_beams: int = 1, **kw) -> list[str]:
+                   max_new_tokens: int = 30, num_beams: int = 1, do_sample: bool = False,
+                   top_p: float = 1.0, temperature: float = 1.0, **kw) -> list[str]:
     """Answer/caption ``images`` given ``prompts`` (one, or one per image); new text only.
 
     The prompts are stripped, as in training. OPT's generate returns its whole input (image
@@ -189,7 +190,10 @@ def blip2_generate(model: Blip2ForConditionalGeneration, processor: Blip2Process
                     padding_side="right" if enc_dec else "left", return_tensors="pt")
     enc = enc.to(next(model.parameters()).device)
     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, **kw)
+    # Sampling settings only when sampling: generate warns about them otherwise.
+    sampling = dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else {}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling,
+                         **kw)
     if not enc_dec:
         out = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]

@@ -147,6 +147,19 @@ def test_generate_returns_only_new_text(setup):
     assert one == texts[:1]  # left padding does not change the answer
 
 
+def test_generate_passes_sampling_settings_only_when_sampling(setup, monkeypatch):
+    # infer.py always passes top_p and temperature; transformers warns about them (a line every
+    # BLIP-2 user would see) unless do_sample is on.
+    _, model, processor, _ = setup
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw) or kw["input_ids"])
+    for do_sample in (False, True):
+        blip2_generate(model, processor, [ITEMS[0][0]], "", max_new_tokens=2,
+                       do_sample=do_sample, top_p=0.9, temperature=0.7)
+    assert not {"do_sample", "top_p", "temperature"} & set(seen[0])
+    assert (seen[1]["do_sample"], seen[1]["top_p"], seen[1]["temperature"]) == (True, 0.9, 0.7)
+
+
 def test_save_fresh_model_load_bit_identical(setup, tmp_path):
     family, model, _, batch = setup
     inj = inject_lora(model, ALL)
