@@ -11,7 +11,9 @@ loads it without lora-vlm or peft; plus README.md (a model card: base, each adap
 sha256 and settings, the training run's eval numbers when its eval.json sits beside the
 adapter) and lora_vlm.json (the same, with the task and caption prompt the model was trained
 with: `python infer.py IMAGE --model DIR` reads them). --peft DIR writes lora.save_peft's PEFT
-layout with the same two files; `python infer.py IMAGE --adapter DIR` loads it.
+layout with the same two files; `python infer.py IMAGE --adapter DIR` loads it. --quantize nf4
+stores the merged Linears in bitsandbytes' NF4 layout, which from_pretrained loads when
+bitsandbytes and accelerate are installed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lora import QUANT_MODES
 from models.api import Pipeline
 from models.export import (
     DTYPES,
@@ -63,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="dtype of the merged model's weights; the merge itself is computed in "
                         "fp32 (fp16/bf16 halve the size and round each weight once)")
+    p.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="nf4: store the merged model's Linear weights in bitsandbytes' NF4 "
+                        "layout (0.28x their fp16 bytes), the weights infer.py --merge "
+                        "--quantize nf4 --no-double-quant computes with; from_pretrained then "
+                        "needs bitsandbytes and accelerate. int8 has no faithful "
+                        "transformers-loadable form and is refused")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: one per core idle at start)")
     args = p.parse_args(argv)
@@ -71,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is not None and args.peft is not None and \
             args.out.resolve() == args.peft.resolve():
         p.error("--out and --peft name the same directory")
+    if args.quantize != "none" and args.out is None:
+        p.error("--quantize applies to the merged model: give --out DIR")
     return args
 
 
@@ -95,12 +106,15 @@ def run(args: argparse.Namespace) -> None:
         raise ExportError(f"--peft writes one adapter, got {len(sources)}: export each alone")
     try:
         pipe = Pipeline(base, args.adapter, device="cpu")
-    except ValueError as e:  # a model or task these adapters / this architecture cannot take
+    # a model or task these adapters / this architecture cannot take; a checkpoint that
+    # needs a package not installed here (bitsandbytes NF4: transformers says which)
+    except (ValueError, ImportError) as e:
         raise RunError(str(e)) from None
     if args.peft is not None:  # before merging: export_merged changes the model
         print(f"PEFT adapter: {export_peft(pipe, sources[0], args.peft, base)}")
     if args.out is not None:
-        print(f"merged model: {export_merged(pipe, sources, args.out, base, DTYPES[args.dtype])}")
+        out = export_merged(pipe, sources, args.out, base, DTYPES[args.dtype], args.quantize)
+        print(f"merged model: {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,7 +129,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                         device=args.device, dtype=torch.float16 if args.fp16 else torch.float32,
                         prompt=args.prompt, quantize=args.quantize,
                         double_quant=args.double_quant)
-    except ValueError as e:  # a model or task these adapters / this architecture cannot take
+    # a model or task these adapters / this architecture cannot take; a checkpoint that
+    # needs a package not installed here (bitsandbytes NF4: transformers says which)
+    except (ValueError, ImportError) as e:
         raise RunError(str(e)) from None
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                do_sample=args.do_sample, top_p=args.top_p, temperature=args.temperature)

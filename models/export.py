@@ -32,6 +32,7 @@ from lora.quantized_linear import tied_linears
 
 from .adapters import SIDECAR_NAME, adapter_metadata
 from .api import Pipeline
+from .bnb_format import bnb_config, nf4_state_dict
 from .model_card import render_card
 
 log = logging.getLogger(__name__)
@@ -193,17 +194,41 @@ def _write_info(folder: Path, info: dict[str, Any], where: Path) -> None:
     (folder / "README.md").write_text(render_card(info, str(where)))
 
 
+NF4_METHOD = "bitsandbytes NF4: blocks of 64, fp32 absmax, no double quantization"
+WHY_NOT = {  # quantization modes that have no faithful transformers-loadable form
+    "int8": "bitsandbytes' int8 (LLM.int8) also quantizes the activations, so a model saved "
+            "in its format would compute something else than lora-vlm's weight-only int8",
+}
+
+
+def _quantized_state(pipe: Pipeline, quantize: str,
+                     dtype: torch.dtype) -> tuple[dict | None, dict | None]:
+    """(state dict for save_pretrained, what lora_vlm.json records), for a merged model."""
+    if quantize == "none":
+        return None, None
+    if quantize != "nf4":
+        raise ExportError(f"--quantize {quantize} cannot be exported: {WHY_NOT[quantize]}. "
+                          "Export unquantized and run infer.py --merge --quantize "
+                          f"{quantize} on it, or export --quantize nf4")
+    state, nf4, kept = nf4_state_dict(pipe.model, dtype)
+    pipe.model.config.quantization_config = bnb_config(kept, dtype)
+    return state, {"method": NF4_METHOD, "nf4_linears": len(nf4), "full_precision_linears": kept}
+
+
 def export_merged(pipe: Pipeline, sources: Sequence[AdapterSource], out: Path, base_model: str,
-                  dtype: torch.dtype = torch.float32) -> Path:
-    """Merge every adapter in fp32 (W + scale·BA), cast to ``dtype``, and write ``out`` with
-    save_pretrained (model and processor), lora_vlm.json and README.md. Changes ``pipe``'s
-    model: its adapters end merged."""
+                  dtype: torch.dtype = torch.float32, quantize: str = "none") -> Path:
+    """Merge every adapter in fp32 (W + scale·BA), cast to ``dtype`` (``quantize="nf4"``: the
+    Linears as bitsandbytes NF4, see bnb_format), and write ``out`` with save_pretrained (model
+    and processor), lora_vlm.json and README.md. Changes ``pipe``'s model: its adapters end
+    merged."""
     refuse_tied_targets(pipe)
     pipe.injection.merge()  # no copy of W is kept (exact_unmerge): the model is written next
+    state, quantization = _quantized_state(pipe, quantize, dtype)
     pipe.model.to(dtype)
-    info = export_info("merged", pipe, sources, base_model, dtype)
+    info = {**export_info("merged", pipe, sources, base_model, dtype),
+            "quantization": quantization}
     with staged_dir(out) as tmp:
-        pipe.model.save_pretrained(tmp)
+        pipe.model.save_pretrained(tmp, state_dict=state)
         pipe.processor.save_pretrained(tmp)
         _write_info(tmp, info, out)
     return out

@@ -2,6 +2,7 @@
 PEFT directories that load_peft / infer.py read back, the model card, and one-line errors."""
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from blip2_tiny import tiny_blip2
-from conftest import randomize_adapters, write_tiny_model_dir
+from conftest import randomize_adapters, tiny_blip, write_tiny_model_dir
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     AutoProcessor,
     Blip2ForConditionalGeneration,
@@ -21,7 +23,7 @@ from transformers import (
 
 import export
 import infer
-from lora import LoRAConfig, inject_lora, load_adapter, load_peft, save_adapter
+from lora import LoRAConfig, QuantizedLinear, inject_lora, load_adapter, load_peft, save_adapter
 from models.api import Pipeline
 from models.blip_vqa import answer_logits
 
@@ -284,3 +286,112 @@ def test_infer_reports_a_bad_peft_dir_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"infer.py: error: {tmp_path / 'not_peft'}: a directory without adapter_config.json, "
         "so not a PEFT adapter directory (lora-vlm adapters are .safetensors files)")
+
+
+# --- --quantize nf4: bitsandbytes' serialized layout ----------------------------------------
+@pytest.fixture(scope="module")
+def wide_blip(tmp_path_factory):
+    """(base dir, adapter) of a tiny BLIP whose Linears are all 64 wide: bitsandbytes' CPU
+    kernels need in_features % 64 == 0 (others stay full precision in an NF4 export)."""
+    root = tmp_path_factory.mktemp("wide")
+    base = write_tiny_model_dir(root / "base")
+    vocab = len((base / "vocab.txt").read_text().split())
+    tiny_blip(hidden=64, vision_hidden=64, vocab=vocab).save_pretrained(base)
+    model = BlipForConditionalGeneration.from_pretrained(base)
+    return base, make_adapter(model, root / "adapter.safetensors", base)
+
+
+def count_linears(base: Path) -> int:
+    model = BlipForConditionalGeneration.from_pretrained(base)
+    return sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def nf4_reference(base: Path, adapter: Path):
+    """infer.py --merge --quantize nf4 --no-double-quant's model."""
+    return Pipeline(str(base), [adapter], merge=True, quantize="nf4", double_quant=False).model
+
+
+def test_nf4_export_is_bitsandbytes_layout_of_infer_weights(wide_blip, tmp_path):
+    base, adapter = wide_blip
+    out = tmp_path / "nf4"
+    export_main("--adapter", adapter, "--out", out, "--quantize", "nf4")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["load_in_4bit"], config["bnb_4bit_quant_type"],
+            config["bnb_4bit_use_double_quant"]) == ("bitsandbytes", True, "nf4", False)
+    assert config["llm_int8_skip_modules"] == ["text_decoder.cls.predictions.decoder"]
+    ref = nf4_reference(base, adapter)
+    quantized = {n: m for n, m in ref.named_modules() if isinstance(m, QuantizedLinear)}
+    saved = load_file(out / "model.safetensors")
+    assert len(quantized) == count_linears(base) - 1  # every Linear but the tied LM head
+    for name, layer in quantized.items():
+        packed = saved[f"{name}.weight"]
+        assert packed.dtype == torch.uint8 and packed.shape == (layer.weight_packed.numel(), 1)
+        state = bytes(saved[f"{name}.weight.quant_state.bitsandbytes__nf4"].tolist())
+        assert json.loads(state) == {"quant_type": "nf4", "blocksize": 64, "dtype": "float32",
+                                     "shape": [layer.out_features, layer.in_features]}
+        # bitsandbytes' decoding, written out: high nibble first, code × absmax of its 64-block
+        idx = torch.stack((packed.flatten() >> 4, packed.flatten() & 15), 1).flatten().long()
+        absmax = saved[f"{name}.weight.absmax"].repeat_interleave(64)
+        weight = (saved[f"{name}.weight.quant_map"][idx] * absmax).view(layer.out_features, -1)
+        assert torch.equal(weight, layer.dequantize()), name
+    rest = {k: v for k, v in ref.state_dict().items() if k in saved}
+    assert all(torch.equal(saved[k], v) for k, v in rest.items())
+    assert len(rest) == len(saved) - 4 * len(quantized)
+    card = (out / "README.md").read_text()
+    assert "bitsandbytes NF4" in card and "pip install bitsandbytes accelerate" in card
+
+
+@torch.no_grad()
+def test_nf4_export_reloads_with_bitsandbytes(wide_blip, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")  # not a requirement: checked where installed
+    pytest.importorskip("accelerate")
+    base, adapter = wide_blip
+    out = tmp_path / "nf4"
+    export_main("--adapter", adapter, "--out", out, "--quantize", "nf4")
+    model = BlipForConditionalGeneration.from_pretrained(out).eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == count_linears(base) - 1
+    for layer in layers:  # its AVX512-BF16 CPU kernel computes in bf16: use the generic one
+        layer.support_avx512bf16_for_cpu = False
+    inputs = caption_inputs(AutoProcessor.from_pretrained(out))
+    want = nf4_reference(base, adapter)(**inputs).logits
+    torch.testing.assert_close(model(**inputs).logits, want, atol=ATOL, rtol=0)
+
+
+def test_nf4_export_keeps_what_transformers_keeps_in_full_precision(tmp_path):
+    model, processor = tiny_blip2("opt")
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    adapter = make_adapter(model, tmp_path / "a.safetensors", base, targets=BLIP2_TARGETS)
+    export_main("--adapter", adapter, "--out", tmp_path / "nf4", "--quantize", "nf4")
+    kept = json.loads((tmp_path / "nf4" / "lora_vlm.json").read_text())["quantization"][
+        "full_precision_linears"]
+    # 64 in, 32 out: NF4-able, but Blip2 declares the Q-Former _keep_in_fp32_modules
+    assert "qformer.encoder.layer.0.output_query.dense" in kept
+    assert "language_model.model.decoder.layers.0.fc2" not in kept  # 64 in, 32 out: NF4
+    saved = load_file(tmp_path / "nf4" / "model.safetensors")
+    assert saved["language_model.model.decoder.layers.0.fc2.weight"].dtype == torch.uint8
+
+
+def test_int8_export_is_refused_with_the_reason(blip, tmp_path, capsys):
+    _, adapter = blip
+    with pytest.raises(SystemExit) as e:
+        export_main("--adapter", adapter, "--out", tmp_path / "q", "--quantize", "int8")
+    assert e.value.code == 2
+    assert "also quantizes the activations" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_infer_on_an_nf4_export_without_bitsandbytes_is_one_line(wide_blip, tmp_path, capsys):
+    if importlib.util.find_spec("bitsandbytes") and importlib.util.find_spec("accelerate"):
+        pytest.skip("bitsandbytes and accelerate are installed here")
+    _, adapter = wide_blip
+    export_main("--adapter", adapter, "--out", tmp_path / "nf4", "--quantize", "nf4")
+    image().save(tmp_path / "x.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(tmp_path / "x.png"), "--model", str(tmp_path / "nf4"), "--threads", "1"])
+    assert e.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line.startswith("infer.py: error: ") and "bitsandbytes" in line
