@@ -54,6 +54,7 @@ class Prompt:
     tokenizer: PreTrainedTokenizerBase
     text: str = ""
     ids: list[int] = field(init=False)
+    _closing: int = field(init=False, repr=False)  # special tokens after a text: [SEP], T5's </s>
 
     def __post_init__(self) -> None:
         self.text = self.text.strip()
