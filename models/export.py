@@ -165,6 +165,8 @@ def _adapter_record(pipe: Pipeline, name: str, source: AdapterSource) -> dict[st
     return {
         "source": str(source.path), "weights": str(source.weights), "sha256": source.sha256,
         **adapter.config.to_dict(), "modules": len(adapter.paths),
+        "own_r_alpha": {p: [m.r, m.alpha] for p, m in adapter.items()
+                        if (m.r, m.alpha) != (adapter.config.r, adapter.config.alpha)},
         "parameters": sum(p.numel() for p in adapter.parameters()),
         "task": meta.get("task"), "prompt": meta.get("prompt"),
         "trained_on_quantization": meta.get("trained_on_quantization"),

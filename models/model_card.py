@@ -70,12 +70,13 @@ def _settings(a: dict[str, Any]) -> list[str]:
     scale = a["alpha"] / (a["r"] ** 0.5 if a["rslora"] else a["r"])
     targets = a["targets"]
     shown = ", ".join(targets) if len(targets) <= 8 else f"{len(targets)} module paths"
-    overrides = {**a["rank_pattern"], **a["alpha_pattern"]}
+    own = len(a["own_r_alpha"])
     lines = [
         f"- sha256 of `{a['weights']}`: `{a['sha256']}`",
         f"- r {a['r']}, alpha {a['alpha']:g} (scale {scale:g}{', rsLoRA' if a['rslora'] else ''})"
         f", dropout {a['dropout']:g} (training only)"
-        + (f"; per-module r/alpha overrides: {len(overrides)}" if overrides else ""),
+        + (f"; {own} module{'s have their' if own > 1 else ' has its'} own r/alpha "
+           "(`own_r_alpha` in lora_vlm.json)" if own else ""),
         f"- targets: {shown} ({a['modules']} Linear modules, {a['parameters']:,} parameters)",
         f"- task: {a['task'] or 'not recorded'}; prompt: "
         + (f"`{a['prompt']!r}`" if a["prompt"] else "none"),
