@@ -52,12 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adapter .safetensors file or PEFT adapter directory (repeatable: "
                         "their deltas add up in the merged model, as in infer.py)")
     p.add_argument("--model", default=None,
-                   help="base model: hub id or local directory (default: the adapters' base "
-                        "model, as recorded in the first adapter that names one)")
-    p.add_argument("--out", type=Path, default=None,
+                   help="base model: hub id or local directory; when not given, the base "
+                        "recorded in the first adapter that names one")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write the merged model here (a new or empty directory, or see "
                         "--overwrite)")
-    p.add_argument("--peft", type=Path, default=None,
+    p.add_argument("--peft", type=Path, default=None, metavar="DIR",
                    help="write the adapter here as a PEFT directory (one --adapter only); with "
                         "--out, both are written")
     p.add_argument("--overwrite", action="store_true",
