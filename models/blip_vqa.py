@@ -21,24 +21,71 @@ from .loss import IGNORE, token_loss_sum
 from .truncation import TruncationLog, cut_rows, mask_cut_ends
 
 
-def restore_cross_attention_masks(model: BlipForQuestionAnswering) -> int:
-    """Make BLIP's text cross-attention honour ``encoder_attention_mask``; returns hooks added.
+def cross_attention_mask_effect(model: BlipForQuestionAnswering) -> tuple[float, float]:
+    """(max |change| of the answer decoder's logits when a masked encoder state changes, when
+    an unmasked one changes): a one-token decoder pass against three question states, the last
+    masked out. The first is 0 where the cross-attention honours ``encoder_attention_mask``;
+    the second shows the probe can see the encoder states at all. Global RNG untouched."""
+    dec = model.text_decoder
+    cfg = model.config.text_config
+    gen = torch.Generator().manual_seed(0)
+    # (variant, B=1, Tq=3, H): 0 the reference, 1 its masked state changed, 2 an unmasked one
+    states = torch.randn(1, 1, 3, cfg.encoder_hidden_size, generator=gen).repeat(3, 1, 1, 1)
+    states[1, :, 2] = 10 * torch.randn(cfg.encoder_hidden_size, generator=gen)
+    states[2, :, 0] = 10 * torch.randn(cfg.encoder_hidden_size, generator=gen)
+    states = states.to(dec.device, dec.dtype)
+    ids = torch.full((1, 1), cfg.bos_token_id, device=dec.device)
+    mask = torch.tensor([[1, 1, 0]], device=dec.device)
+    was_training = dec.training
+    dec.eval()
+    try:
+        with torch.no_grad():
+            logits = [dec(input_ids=ids, encoder_hidden_states=s, encoder_attention_mask=mask,
+                          use_cache=False).logits.float() for s in states]
+    finally:
+        dec.train(was_training)
+    return ((logits[1] - logits[0]).abs().max().item(),
+            (logits[2] - logits[0]).abs().max().item())
 
-    transformers 5.23's BlipTextLayer hands the cross-attention mask to BlipTextSelfAttention as
-    ``attention_mask``, which then discards it (it reads ``encoder_attention_mask`` for cross-
-    attention), so the answer decoder attends to question padding and a batched answer depends
-    on its neighbours' question lengths. A pre-hook passes the mask on under the name read.
-    Captioning is unaffected (its encoder states, the image patches, have no padding).
+
+def restore_cross_attention_masks(model: BlipForQuestionAnswering) -> int:
+    """Make BLIP's text cross-attention honour ``encoder_attention_mask`` where it does not;
+    returns the number of pre-hooks added (0 where the mask already reaches the attention).
+
+    transformers 5.23 and 5.24: BlipTextLayer hands the cross-attention mask to
+    BlipTextSelfAttention as ``attention_mask``, which then discards it (it reads
+    ``encoder_attention_mask`` for cross-attention), so the answer decoder attends to question
+    padding and a batched answer depends on its neighbours' question lengths. A pre-hook passes
+    the mask on under the name read. Whether it is needed is decided by behaviour, on this
+    model (``cross_attention_mask_effect``), not by version; after hooking, the mask must work,
+    else RuntimeError. If the probe cannot see the encoder states (e.g. all-zero cross-attention
+    key/value weights, which LoRA may later change), the hooks are added unverified: where the
+    mask already works they pass on nothing new. Captioning is unaffected (its encoder states,
+    the image patches, have no padding).
     """
+    masked, unmasked = cross_attention_mask_effect(model)
+    conclusive = unmasked > 0
+    if conclusive and masked <= 1e-3 * unmasked:
+        return 0  # the mask already reaches the cross-attention
+
     def pass_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if kwargs.get("encoder_attention_mask") is None:
             kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
         return args, kwargs
 
     names = [n for n, _ in model.named_modules() if n.endswith("crossattention.self")]
-    for n in names:
-        model.get_submodule(n).register_forward_pre_hook(pass_mask, with_kwargs=True)
-    return len(names)
+    handles = [model.get_submodule(n).register_forward_pre_hook(pass_mask, with_kwargs=True)
+               for n in names]
+    if conclusive:
+        masked, unmasked = cross_attention_mask_effect(model)
+        if masked > 1e-3 * unmasked:
+            for h in handles:
+                h.remove()
+            raise RuntimeError(
+                "BLIP's text cross-attention ignores encoder_attention_mask (answers would attend "
+                "to question padding) and the pre-hook workaround no longer fixes it in this "
+                f"transformers: masked states change the logits by {masked:.3g}")
+    return len(handles)
 
 
 class VQAItem(NamedTuple):

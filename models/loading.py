@@ -79,7 +79,7 @@ def load_model(model_id: str, task: str | None = None, dtype: torch.dtype = torc
         log.info("%s: %d Linear layers quantized to %s, frozen base now %.1f MB", model_id,
                  len(quantized), quantize, frozen_bytes(model) / 1e6)
     if cls is BlipForQuestionAnswering:
-        restore_cross_attention_masks(model)  # transformers 5.23 drops the question mask
+        restore_cross_attention_masks(model)  # hooks only if this transformers drops the mask
     return model, AutoProcessor.from_pretrained(model_id), task
 
 

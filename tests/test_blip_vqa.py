@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     randomize_adapters,
+    tiny_blip_vqa,
     write_tiny_dataset,
     write_tiny_model_dir,
     write_tiny_vqa_dataset,
@@ -16,7 +17,13 @@ from PIL import Image
 import infer
 import train
 from lora import LoRAConfig, inject_lora
-from models.blip_vqa import VQACollator, answer_logits, vqa_generate, vqa_loss_sum
+from models.blip_vqa import (
+    VQACollator,
+    answer_logits,
+    restore_cross_attention_masks,
+    vqa_generate,
+    vqa_loss_sum,
+)
 from models.loading import enable_activation_checkpointing, load_model
 from training.errors import RunError
 
@@ -161,3 +168,63 @@ def test_train_on_vqa_v2_with_image_root_and_annotations(tmp_path):
     with pytest.raises(RunError, match="annotations"):
         train.main([*args[:-1], str(tmp_path / "run2"), "--image-root",
                     str(tmp_path / "train2014")])
+
+
+def _question_padding_leaks(model) -> bool:
+    """Checked apart from the probe: does a padded question's answer differ from the same
+    question's answer alone (decoder logits, two of four question states padded)?"""
+    cfg = model.config.text_config
+    gen = torch.Generator().manual_seed(1)
+    question = torch.randn(2, 4, cfg.encoder_hidden_size, generator=gen)  # (B, Tq, H)
+    ids = torch.tensor([[cfg.bos_token_id, 5, 6]] * 2)
+    with torch.no_grad():
+        batched = model.text_decoder(input_ids=ids, encoder_hidden_states=question,
+                                     encoder_attention_mask=torch.tensor([[1] * 4, [1, 1, 0, 0]]),
+                                     use_cache=False).logits
+        alone = model.text_decoder(input_ids=ids[1:], encoder_hidden_states=question[1:, :2],
+                                   encoder_attention_mask=torch.ones(1, 2, dtype=torch.long),
+                                   use_cache=False).logits
+    return not torch.allclose(batched[1], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def _cross_attentions(model):
+    return [m for n, m in model.named_modules() if n.endswith("crossattention.self")]
+
+
+def test_cross_attention_mask_workaround_added_exactly_where_needed():
+    # On whichever transformers is installed (5.23 and 5.24 drop the mask; a fixed one would
+    # not): hooks are added if and only if question padding leaks without them, never after.
+    model = tiny_blip_vqa(0)
+    leaks = _question_padding_leaks(model)
+    assert (restore_cross_attention_masks(model) > 0) == leaks
+    assert not _question_padding_leaks(model)
+    assert restore_cross_attention_masks(model) == 0  # a second call sees the mask working
+
+
+def test_cross_attention_mask_workaround_skipped_where_the_mask_works():
+    # A transformers that honours the mask, simulated by passing it on before the probe runs.
+    model = tiny_blip_vqa(0)
+    def fixed(module, args, kwargs):
+        if kwargs.get("encoder_attention_mask") is None:
+            kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+        return args, kwargs
+    for m in _cross_attentions(model):
+        m.register_forward_pre_hook(fixed, with_kwargs=True)
+    assert not _question_padding_leaks(model)
+    assert restore_cross_attention_masks(model) == 0
+    assert all(len(m._forward_pre_hooks) == 1 for m in _cross_attentions(model))
+
+
+def test_cross_attention_mask_workaround_fails_loudly_where_it_stops_working():
+    # A transformers whose cross-attention loses the mask past the hook: an error at load,
+    # and no hooks left behind.
+    def losing_masks(forward):
+        def call(*args, attention_mask=None, encoder_attention_mask=None, **kwargs):
+            return forward(*args, **kwargs)
+        return call
+    model = tiny_blip_vqa(0)
+    for m in _cross_attentions(model):
+        m.forward = losing_masks(m.forward)
+    with pytest.raises(RuntimeError, match="encoder_attention_mask"):
+        restore_cross_attention_masks(model)
+    assert all(not m._forward_pre_hooks for m in _cross_attentions(model))
