@@ -1,19 +1,31 @@
 """Memory and speed of LoRA training on a quantized frozen base: none / int8 / nf4 × checkpointing.
 
-A mid-size random BLIP-2 (ViT-B/16 at 224 px, a 12-layer Q-Former, an OPT-350m-shaped language
-model: ~520M parameters) trains rank-16 adapters on the vision, Q-Former and language Linears.
-Each of the six settings runs in a fresh process, so peak memory is its own:
+Two kinds of model, each setting in a fresh process so its memory is its own:
+  * ``--preset blip-base``: a random ``BlipConfig()`` captioning model (≈ blip-image-captioning-
+    base, 224M parameters, 384 px), saved once as a checkpoint with a BERT-layout vocabulary and
+    its processor, and loaded the way train.py loads it: ``load_model(quantize=...)``;
+    rank-16 adapters on the vision and text Linears;
+  * ``--preset mid`` / ``small``: a random BLIP-2 (mid: ViT-B/16 at 224 px, a 12-layer Q-Former,
+    an OPT-350m-shaped language model, ~520M parameters) built in this process, then quantized
+    on its way to the device (``place_model``); adapters on the vision, Q-Former and language
+    Linears.
+Reported per setting:
   * frozen bytes: the base's stored parameters and buffers as run ("as run": on CPU what is not
     quantized stays fp32), and against the same model in fp16 (2 bytes per parameter, what a
     GPU user would otherwise load) with the unquantized rest in fp16 too (--base-dtype fp16);
     "Linear" counts only the Linear weights that get quantized (embeddings, norms, biases and
     the tied LM head stay as they are);
-  * peak memory during the timed steps: CPU peak RSS (VmHWM, reset after the model is built and
-    quantized), or torch.cuda.max_memory_allocated with --device cuda;
+  * the weight bytes quantization removes (those Linears as run minus their quantized form),
+    and how much of it the resident memory (model loaded and quantized, every weight read once:
+    a memory-mapped checkpoint is only read in on first use) and the training peak drop
+    against "none" (the target: at least 80% of the removed bytes);
+  * peak memory: while loading, and during the steps (CPU VmHWM, reset once the model is
+    resident; torch.cuda.max_memory_allocated with --device cuda);
   * step time (forward + backward + AdamW on the adapters), median, and its ratio to "none".
 On CPU the unquantized base and the compute are fp32 (fp16 matmuls are slow there); with
 --device cuda the base is fp16 and the step runs under fp16 autocast.
 
+    python bench/bench_memory.py --preset blip-base --threads 1 --batch 2 --malloc default
     python bench/bench_memory.py --threads 2 --batch 1 --repeats 2   # ~5 min on 2 quiet cores
     python bench/bench_memory.py --preset small                      # a quick check
 """
@@ -21,29 +33,42 @@ On CPU the unquantized base and the compute are fp32 (fp16 matmuls are slow ther
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration
+from torch import nn
+from transformers import (
+    BertTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora import (
     LoRAConfig,
+    QuantizedLinear,
     frozen_bytes,
     inject_lora,
     quantizable_linears,
-    quantize_model,
     weight_bytes,
 )
-from models.loading import enable_activation_checkpointing
+from models.loading import (
+    enable_activation_checkpointing,
+    load_model,
+    place_model,
+    release_freed_memory,
+)
 
 QUERY_TOKENS = 32
 IMAGE_TOKEN = 50265  # one past OPT's last real token, as in Salesforce/blip2-opt-*
@@ -51,6 +76,30 @@ PRESETS = {  # (vision hidden, vision layers, qformer layers, LM hidden, LM laye
     "mid": (768, 12, 12, 1024, 24, 224),
     "small": (256, 2, 2, 256, 2, 64),
 }
+CAPTION = "blip-base"  # BlipConfig() defaults: ViT-B/16 at 384 px, 12-layer BERT text decoder
+BLIP_IMAGE = 384
+BLIP_BOS = 30522  # [DEC], as in Salesforce/blip-image-captioning-*
+
+
+def write_blip_base(folder: Path) -> Path:
+    """A random BlipConfig() captioning checkpoint with its processor, saved in ``folder``.
+
+    The vocabulary has bert-base-uncased's special-token layout and BLIP's [DEC]/[ENC] at
+    30522/30523 (see ../shared/FIELD_NOTES.md); its words are filler, which memory ignores.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + [f"[filler{i}]" for i in range(BLIP_BOS - len(specials))]
+    (folder / "vocab.txt").write_text("\n".join([*vocab, "[DEC]", "[ENC]"]) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]",
+                              additional_special_tokens=["[ENC]"])
+    image = BlipImageProcessor(size={"height": BLIP_IMAGE, "width": BLIP_IMAGE})
+    BlipProcessor(image, tokenizer).save_pretrained(folder)
+    config = BlipConfig()
+    config.vision_config.initializer_range = 0.02  # the default 1e-10 is an all-zero tower
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    return folder
 
 
 def build_blip2(preset: str) -> Blip2ForConditionalGeneration:
@@ -82,10 +131,21 @@ def make_batch(batch: int, seq: int, image: int, device: torch.device) -> dict:
             {"pixel_values": pixels, "input_ids": ids, "labels": labels}.items()}
 
 
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS so RSS shows what is live (glibc only)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def make_caption_batch(batch: int, seq: int, device: torch.device) -> dict:
+    """Random caption tokens after [DEC]; BLIP's loss covers them all."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+    ids[:, 0] = BLIP_BOS
+    pixels = torch.randn(batch, 3, BLIP_IMAGE, BLIP_IMAGE, generator=g)
+    return {k: v.to(device) for k, v in
+            {"pixel_values": pixels, "input_ids": ids, "labels": ids.clone()}.items()}
+
+
+def read_every_weight(model: nn.Module) -> None:
+    """Read each CPU tensor once: a memory-mapped checkpoint is only paged in on first use."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel():
+            t.detach().reshape(-1).view(torch.uint8).max()
 
 
 def status_kb(field: str) -> int:
@@ -109,27 +169,39 @@ def peak_mb(device: torch.device) -> float:
     return status_kb("VmHWM") / 1024
 
 
+def load(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, tuple, dict]:
+    """(model on ``device``, quantized as ``args.mode``; its adapter targets; a batch)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.preset == CAPTION:
+        model = load_model(str(args.checkpoint), dtype=dtype, device=device,
+                           quantize=args.mode)[0]
+        return model, ("vision", "text"), make_caption_batch(args.batch, args.seq, device)
+    model = build_blip2(args.preset).to(dtype)
+    place_model(model, device, args.mode)
+    batch = make_batch(args.batch, args.seq, PRESETS[args.preset][5], device)
+    return model, ("vision", "qformer", "language"), batch
+
+
 def worker(args: argparse.Namespace) -> dict:
-    """One setting, in this process: build, quantize, attach adapters, time the steps."""
+    """One setting, in this process: load, quantize, attach adapters, time the steps."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model = build_blip2(args.preset).to(torch.float16 if cuda else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    linears = quantizable_linears(model)  # the same set in every setting, quantized or not
-    linear_params = sum(model.get_submodule(p).weight.numel() for p in linears)
-    quantize_model(model, args.mode, double_quant=True)
-    model.to(device)
-    stored_linear = sum(weight_bytes(model.get_submodule(p)) for p in linears)
-    inj = inject_lora(model, LoRAConfig(r=16, alpha=32, targets=("vision", "qformer", "language")))
+    model, targets, batch = load(args, device)
+    # the same Linears in every setting: quantized, or the ones quantization would take
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)] or [
+        model.get_submodule(p) for p in quantizable_linears(model)]
+    dtype_bytes = next(model.parameters()).element_size()  # of the unquantized base as run
+    read_every_weight(model)
+    release_freed_memory()
+    load_peak = peak_mb(device)
+    resident = torch.cuda.memory_allocated() / 2**20 if cuda else status_kb("VmRSS") / 1024
+    inj = inject_lora(model, LoRAConfig(r=16, alpha=32, targets=targets))
     if args.checkpointing:
         enable_activation_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(inj.adapter_parameters(), lr=1e-4)
-    batch = make_batch(args.batch, args.seq, PRESETS[args.preset][5], device)
-    release_freed_memory()
-    resident = peak_mb(device) if cuda else status_kb("VmRSS") / 1024
     reset_peak(device)
 
     def step() -> None:
@@ -147,9 +219,13 @@ def worker(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"mode": args.mode, "checkpointing": args.checkpointing, "params": n_params,
+    trainable, total = inj.parameter_counts()
+    linear_params = sum(m.out_features * m.in_features for m in linears)
+    return {"mode": args.mode, "checkpointing": args.checkpointing, "params": total - trainable,
             "linear_params": linear_params, "stored_total": frozen_bytes(model),
-            "stored_linear": stored_linear, "resident_mb": resident,
+            "linear_as_run": linear_params * dtype_bytes,
+            "stored_linear": sum(weight_bytes(m) for m in linears),
+            "load_peak_mb": load_peak, "resident_mb": resident,
             "peak_mb": peak_mb(device), "step_s": statistics.median(times)}
 
 
@@ -171,14 +247,77 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def savings_table(rows: list[dict], device: str) -> str:
+    """Markdown table: the Linear bytes quantization removes, and how much of them the resident
+    memory and the training peak drop against "none" (target: at least 80% of them)."""
+    mem = "CUDA MiB" if device.startswith("cuda") else "RSS MiB"
+    none = {r["checkpointing"]: r for r in rows if r["mode"] == "none"}
+    lines = [f"| base | checkpointing | Linear MiB as run → stored | removed MiB "
+             f"| load peak {mem} | resident {mem} | resident drop | training peak {mem} "
+             f"| peak drop | both drops ≥ 80% of removed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ref = none[r["checkpointing"]]
+        removed = (ref["stored_linear"] - r["stored_linear"]) / 2**20
+        drops = {k: ref[k] - r[k] for k in ("resident_mb", "peak_mb")}
+        shown = {k: f"{d:.0f} ({d / removed:.0%})" if removed else "—" for k, d in drops.items()}
+        meets = "—" if not removed else (
+            "yes" if min(drops.values()) >= 0.8 * removed else "no")
+        lines.append(
+            f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} "
+            f"| {r['linear_as_run'] / 2**20:.0f} → {r['stored_linear'] / 2**20:.0f} "
+            f"| {removed:.0f} | {r['load_peak_mb']:.0f} | {r['resident_mb']:.0f} "
+            f"| {shown['resident_mb']} | {r['peak_mb']:.0f} | {shown['peak_mb']} | {meets} |")
+    return "\n".join(lines)
+
+
+def describe(rows: list[dict], args: argparse.Namespace) -> str:
+    """One line: the model and the step measured."""
+    if args.preset == CAPTION:
+        model = f"BLIP captioning (BlipConfig(), {BLIP_IMAGE} px)"
+        tokens = f"{args.seq} text tokens"
+    else:
+        model = f"BLIP-2 ({args.preset})"
+        tokens = f"{args.seq} text + {QUERY_TOKENS} image tokens"
+    return (f"{rows[0]['params'] / 1e6:.0f}M-parameter {model}, batch {args.batch}, {tokens}, "
+            f"{args.device}, {args.threads} threads, malloc {args.malloc}, "
+            f"torch {torch.__version__}")
+
+
+def run_setting(args: argparse.Namespace, mode: str, checkpointing: bool,
+                checkpoint: Path | None) -> dict:
+    """One worker process; its row, or exit with the worker's error."""
+    cmd = [sys.executable, __file__, "--mode", mode, "--preset", args.preset,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--device", args.device]
+    cmd += ["--checkpoint", str(checkpoint)] if checkpoint else []
+    cmd += ["--checkpointing"] if checkpointing else []
+    env = dict(os.environ)
+    if args.malloc == "fixed":  # large tensors are mmapped, so freeing them really lowers RSS
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench_memory: {mode} (checkpointing {checkpointing}) failed:\n"
+                 f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="mid", help="model size")
+    ap.add_argument("--preset", choices=[CAPTION, *sorted(PRESETS)], default="mid",
+                    help=f"model: {CAPTION} (BlipConfig() captioning, loaded from a saved "
+                         "checkpoint) or a BLIP-2 size")
     ap.add_argument("--batch", type=int, default=2, help="images per step")
     ap.add_argument("--seq", type=int, default=24, help="text tokens per image")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
+                    help="fixed: workers run with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors "
+                         "leave RSS at once; default: glibc's dynamic threshold, as train.py runs")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help=f"{CAPTION}: where its checkpoint is (written there if missing; "
+                         "default: a temporary directory, removed afterwards)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--table-from", type=Path, default=None,
                     help="print the table of rows saved earlier with --out, and exit")
@@ -187,33 +326,42 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def print_tables(rows: list[dict], device: str) -> None:
+    print(table(rows, device))
+    if all("linear_as_run" in r for r in rows):  # rows saved before it was measured lack it
+        print()
+        print(savings_table(rows, device))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     args = parse_args()
-    if args.table_from:  # re-print a saved run's table
-        print(table(json.loads(args.table_from.read_text()), args.device))
+    if args.table_from:  # re-print a saved run's tables
+        print_tables(json.loads(args.table_from.read_text()), args.device)
         return
     if args.mode:
         print(json.dumps(worker(args)))
         return
-    rows = []
-    common = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq),
-              "--repeats", str(args.repeats), "--threads", str(args.threads),
-              "--device", args.device]
-    # fixed mmap threshold: large tensors are mmapped, so freeing them really lowers RSS
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for mode in ("none", "int8", "nf4"):
-        for ckpt in (False, True):
-            cmd = [sys.executable, __file__, "--mode", mode, *common]
-            out = subprocess.run(cmd + (["--checkpointing"] if ckpt else []), env=env,
-                                 capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"{mode:5} checkpointing={ckpt}: {rows[-1]}", file=sys.stderr)
-    print(f"{rows[0]['params'] / 1e6:.0f}M-parameter BLIP-2 ({args.preset}), batch {args.batch},"
-          f" {args.seq} text + {QUERY_TOKENS} image tokens, {args.device}, "
-          f"{args.threads} threads, torch {torch.__version__}")
-    print(table(rows, args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if args.preset == CAPTION:
+            checkpoint = args.checkpoint or Path(tmp) / CAPTION
+            if not (checkpoint / "config.json").is_file():
+                write_blip_base(checkpoint)
+        rows = []
+        for mode in ("none", "int8", "nf4"):
+            for ckpt in (False, True):
+                rows.append(run_setting(args, mode, ckpt, checkpoint))
+                print(f"{mode:5} checkpointing={ckpt}: {rows[-1]}", file=sys.stderr)
+    print(describe(rows, args))
+    print_tables(rows, args.device)
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
