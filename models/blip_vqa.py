@@ -178,8 +178,9 @@ def vqa_loss_sum(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor]
 @torch.no_grad()
 def vqa_generate(model: BlipForQuestionAnswering, processor: BlipProcessor,
                  images: Sequence[Image.Image], questions: Sequence[str],
-                 max_new_tokens: int = 10, num_beams: int = 1, **kw) -> list[str]:
-    """One answer per (image, question) pair."""
+                 max_new_tokens: int = 10, num_beams: int = 1, do_sample: bool = False,
+                 top_p: float = 1.0, temperature: float = 1.0, **kw) -> list[str]:
+    """One answer per (image, question) pair; the decoder's start token (bos) is cut off."""
     device = next(model.parameters()).device
     enc = processor(images=list(images), text=list(questions), padding="longest",
                     return_tensors="pt").to(device)
@@ -187,8 +188,11 @@ def vqa_generate(model: BlipForQuestionAnswering, processor: BlipProcessor,
                                enc["attention_mask"])
     cfg = model.config.text_config
     start = torch.full((len(images), 1), cfg.bos_token_id, device=device)
+    # Sampling settings only when sampling: generate warns about them otherwise.
+    sampling = dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else {}
     out = model.text_decoder.generate(
         input_ids=start, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
         encoder_hidden_states=question, encoder_attention_mask=enc["attention_mask"],
-        max_new_tokens=max_new_tokens, num_beams=num_beams, **kw)
+        max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling, **kw)
+    out = out[:, start.shape[1]:]  # (B, new tokens)
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]

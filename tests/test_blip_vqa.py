@@ -1,5 +1,5 @@
-"""BLIP VQA: our answer loss equals the model's own, batched answers match single ones, and
-train.py --task vqa runs end to end."""
+"""BLIP VQA on the real tokenizer layout ([DEC] bos): our answer loss equals the model's own,
+batched answers match single ones, and train.py --task vqa runs end to end."""
 
 import json
 
@@ -9,10 +9,10 @@ from conftest import (
     randomize_adapters,
     tiny_blip_vqa,
     write_tiny_dataset,
-    write_tiny_model_dir,
     write_tiny_vqa_dataset,
 )
 from PIL import Image
+from real_tokenizers import write_real_checkpoint
 
 import infer
 import train
@@ -29,7 +29,7 @@ from training.errors import RunError
 
 
 def _setup(tmp_path):
-    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    model_dir = write_real_checkpoint(tmp_path / "m", "blip-vqa")
     model, processor, task = load_model(str(model_dir))
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
     return model_dir, model, processor, task, images
@@ -73,6 +73,28 @@ def test_padded_questions_are_masked_everywhere(tmp_path):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_generate_returns_the_answer_and_samples_only_when_asked(tmp_path, monkeypatch):
+    # The answer decoder starts from [DEC], which is not part of the answer; top_p/temperature
+    # go to generate only when sampling (transformers warns about them otherwise, and infer.py
+    # always passes them).
+    _, model, processor, _, images = _setup(tmp_path)
+    tok = processor.tokenizer
+    dec, red, cube = tok.convert_tokens_to_ids(["[DEC]", "red", "cube"])
+    seen = []
+
+    def fake_generate(input_ids, **kw):
+        seen.append(kw)
+        assert input_ids.tolist() == [[dec]]
+        return torch.tensor([[dec, red, cube]])
+    monkeypatch.setattr(model.text_decoder, "generate", fake_generate)
+    for do_sample in (False, True):
+        answers = vqa_generate(model, processor, images[:1], ["what is it?"],
+                               do_sample=do_sample, top_p=0.9, temperature=0.7)
+        assert answers == ["red cube"]
+    assert not {"do_sample", "top_p", "temperature"} & set(seen[0])
+    assert (seen[1]["do_sample"], seen[1]["top_p"], seen[1]["temperature"]) == (True, 0.9, 0.7)
+
+
 def test_image_index_encodes_each_image_once(tmp_path):
     # Three questions about two images: indexing one encoding per image must give the logits
     # of the plain batch, where every question carries its own copy of the image.
@@ -89,7 +111,7 @@ def test_image_index_encodes_each_image_once(tmp_path):
 
 
 def test_train_vqa_then_infer_questions(tmp_path):
-    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    model_dir = write_real_checkpoint(tmp_path / "m", "blip-vqa")
     data = write_tiny_vqa_dataset(tmp_path / "d")
     adapter = train.main(["--model", str(model_dir), "--train-file", str(data), "--eval-file",
                           str(data), "--epochs", "2", "--batch-size", "4",
@@ -106,7 +128,7 @@ def test_train_vqa_then_infer_questions(tmp_path):
 
 
 def test_caption_model_refuses_vqa(tmp_path):
-    model_dir = write_tiny_model_dir(tmp_path / "m")
+    model_dir = write_real_checkpoint(tmp_path / "m", "blip-caption")
     data = write_tiny_dataset(tmp_path / "d")
     try:
         train.main(["--model", str(model_dir), "--task", "vqa", "--train-file", str(data),
@@ -141,7 +163,7 @@ def test_gradient_checkpointing_same_adapter_grads(tmp_path):
 def test_train_on_vqa_v2_with_image_root_and_annotations(tmp_path):
     # COCO-style layout: questions and annotations under meta/ (the annotations not named after
     # the questions file), images in their own folder: needs --image-root and --annotations.
-    model_dir = write_tiny_model_dir(tmp_path / "m", vqa=True)
+    model_dir = write_real_checkpoint(tmp_path / "m", "blip-vqa")
     (tmp_path / "train2014").mkdir()
     questions, annotations = [], []
     for i, colour in enumerate(["red", "blue", "green", "red"]):
