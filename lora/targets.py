@@ -20,7 +20,7 @@ from torch import nn
 from .quantized_linear import QuantizedLinear
 
 _LAYER = r"\.\d+\."
-# Full-match regexes, spelled out per model family (names checked on transformers 5.23).
+# Full-match regexes, spelled out per model family (names checked on transformers 5.23 and 5.24).
 PRESETS: dict[str, str] = {
     # BLIP and BLIP-2 ViT: fused qkv, attention output, MLP.
     "vision": rf"vision_model\.encoder\.layers{_LAYER}(self_attn\.(qkv|projection)|mlp\.fc[12])",

@@ -11,8 +11,8 @@ their target by one space (models/prompts.py), in training and generation alike.
 * Encoder-decoder (T5): ``input_ids = [<image>×Q] prompt </s>``, ``labels = target </s>``; the
   decoder input is ``labels`` shifted right (decoder start = pad), as T5 does internally.
 
-transformers (checked on 5.23) scatters the Q-Former outputs into the embeddings of the ``Q``
-image tokens that Blip2Processor puts in front of the text; ``model.config.image_token_index``
+transformers (checked on 5.23 and 5.24) scatters the Q-Former outputs into the embeddings of the
+``Q`` image tokens that Blip2Processor puts in front of the text; ``model.config.image_token_index``
 must name that token, or the image is silently (partly) ignored: ``check_compatible`` fails
 loudly instead.
 """

@@ -47,10 +47,10 @@ def _use_merged(info: dict[str, Any], where: str) -> str:
             f"task and prompt from `lora_vlm.json`: `python infer.py photo.jpg --model {where}"
             f"{flag}`.\n")
     if arch == "BlipForQuestionAnswering":
-        text += ("\nIn transformers 5.23 `BlipForQuestionAnswering` lets the answer decoder attend "
-                 "to question padding, so in a batch of questions of different lengths an answer "
-                 "can depend on its neighbours: ask one question per call (lora-vlm's `infer.py` "
-                 "restores the mask).\n")
+        text += ("\nIn transformers 5.23 and 5.24 `BlipForQuestionAnswering` lets the answer "
+                 "decoder attend to question padding, so in a batch of questions of different "
+                 "lengths an answer can depend on its neighbours: ask one question per call "
+                 "(lora-vlm's `infer.py` restores the mask).\n")
     return text
 
 
