@@ -218,15 +218,21 @@ def _patterns(config: dict, key: str, source: str, ok: Callable[[Any], bool],
     return patterns
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``, or an AdapterFileError naming it (``what``: "PEFT config")."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{path}: cannot read {what} ({e})") from e
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: not a JSON object")
+    return data
+
+
 def _read_config(config_path: Path) -> tuple[dict, LoRAConfig]:
     """The validated config: its rank_pattern / alpha_pattern by name, and a LoRAConfig."""
     source = str(config_path)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{source}: cannot read PEFT config ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{source}: not a JSON object")
+    config = read_json_object(config_path, "PEFT config")
     _check_supported(config, source)
     r = _setting(config, "r", source, _is_rank, "a positive integer")
     alpha = _setting(config, "lora_alpha", source, _is_real, "a finite number")

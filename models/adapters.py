@@ -8,13 +8,12 @@ ignores unknown files); a directory written by PEFT itself has only its base mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from lora import AdapterFileError, LoRAInjection, load_adapter, load_peft, read_metadata
-from lora.peft_format import CONFIG_NAME
+from lora.peft_format import CONFIG_NAME, read_json_object
 
 SIDECAR_NAME = "lora_vlm.json"  # task / prompt / base of an exported PEFT dir or merged model
 SIDECAR_KEYS = ("base_model", "task", "prompt")
@@ -25,12 +24,7 @@ def read_sidecar(folder: str | Path) -> dict[str, str]:
     path = Path(folder) / SIDECAR_NAME
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path}: not a JSON object")
+    data = read_json_object(path, SIDECAR_NAME)
     bad = [k for k in SIDECAR_KEYS if k in data and not isinstance(data[k], str)]
     if bad:
         raise AdapterFileError(f"{path}: {bad[0]!r} is {data[bad[0]]!r}, expected a string")
@@ -42,11 +36,7 @@ def _peft_metadata(folder: Path) -> dict[str, str]:
     if not config_path.is_file():
         raise AdapterFileError(f"{folder}: a directory without {CONFIG_NAME}, so not a PEFT "
                                "adapter directory (lora-vlm adapters are .safetensors files)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterFileError(f"{config_path}: cannot read PEFT config ({e})") from e
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    base = read_json_object(config_path, "PEFT config").get("base_model_name_or_path")
     meta = {"base_model": base} if isinstance(base, str) and base else {}
     return {**meta, **read_sidecar(folder)}
 
