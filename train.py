@@ -38,11 +38,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
+from cli import DEFAULT_DATA, ROOT, HelpFormatter
+from cli.flags import (
+    add_data_location_flags,
+    add_debug_flag,
+    add_device_flags,
+    add_generation_flags,
+    add_quantize_flags,
+)
 from data.dataset import split_by_image
 from evaluation import is_correct
 from evaluation.curves import plot_curves
 from lora import (
-    QUANT_MODES,
     LoRAConfig,
     LoRAInjection,
     inject_lora,
@@ -78,25 +85,17 @@ from training.signals import graceful_interrupts
 from training.threads import choose_threads
 
 log = logging.getLogger("train")
-ROOT = Path(__file__).resolve().parent
-# The shipped synthetic data of each task: (train file, test file).
-DEFAULT_DATA = {"caption": ("annotations.jsonl", "annotations_test.jsonl"),
-                "vqa": ("vqa_train.jsonl", "vqa_test.jsonl")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a resumed run may change: where and how fast it runs, what it reports at the end.
 # Every other flag, and the derived settings below, change the adapters the run ends with and
 # must match the checkpoint's (a flag added later is compared without anyone listing it).
 MAY_CHANGE_ON_RESUME = frozenset({
     "device", "threads", "num_workers", "output_dir", "resume", "stop_after_steps", "save_every",
-    "keep_checkpoints", "eval_file", "num_beams", "eval_base"})
+    "keep_checkpoints", "eval_file", "num_beams", "eval_base", "debug"})
 DERIVED_SETTINGS = ("amp_dtype", "grad_scaler", "world_size", "train_samples", "val_samples")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag's help; the description keeps its line breaks."""
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Command-line flags; every one has help and a sensible default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
@@ -110,13 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--base-dtype", choices=sorted(DTYPES), default="fp32",
                    help="dtype of the frozen base weights (fp16/bf16 halve their memory on a "
                         "GPU; adapters always stay fp32)")
-    g.add_argument("--quantize", choices=QUANT_MODES, default="none",
-                   help="store the frozen base's Linear weights as int8 (per-row absmax) or NF4 "
-                        "(QLoRA, blocks of 64); dequantized on the fly, adapters stay fp32. The "
-                        "LM head / tied output layer stays in --base-dtype")
-    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="NF4 only: also quantize the per-block scales (8 instead of 32 bits "
-                        "per 64 weights)")
+    add_quantize_flags(g)
     g.add_argument("--train-file", default=None,
                    help="training data (default: the shipped set of the task). Captions: "
                         ".jsonl, captions .json, COCO .json or caption/+Image/ dir; VQA: .jsonl, "
@@ -131,15 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shipped test set of the task; 'none' skips it)")
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) malformed lines and unreadable images instead of failing")
-    g.add_argument("--image-root", default=None,
-                   help="folder the data files' image paths are relative to (default: each JSON/"
-                        "JSONL file's own folder); e.g. COCO's train2014/ for VQA v2")
-    g.add_argument("--annotations", default=None,
-                   help="VQA v2: the annotations file of --train-file (default: the sibling named "
-                        "like the questions file, v2_mscoco_<split>_annotations.json)")
+    add_data_location_flags(g, "--train-file")
     g.add_argument("--prompt", default="",
                    help="text prefix before every caption, masked out of the loss "
-                        "(LAVIS uses 'a picture of ')")
+                        "(default: none; LAVIS uses 'a picture of ')")
     g.add_argument("--max-length", type=int, default=None,
                    help="max tokens of prompt + caption (VQA: of the question, and of the "
                         "answer); longer texts are cut with a warning naming their file and line "
@@ -192,15 +180,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="checkpoint and stop after this many optimizer steps, leaving the "
                         "schedule unchanged (a planned interruption; 0: run to the end)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: one per core idle at start, at most torch's "
-                        "default: a busy core shared by two threads slows training several-fold)")
+    add_device_flags(g)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--eval-batch-size", type=int, default=32, help="images per generate call")
-    g.add_argument("--num-beams", type=int, default=1, help="beam width for the final report")
+    add_generation_flags(g, max_new_tokens=False)  # --num-beams of the final report
     g.add_argument("--eval-base", action=argparse.BooleanOptionalAction, default=True,
                    help="also report the base model (adapters off) in the final report")
+    add_debug_flag(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags, checked."""
+    p = build_parser()
     args = p.parse_args(argv)
     for flag in ("r", "epochs", "batch_size", "grad_accum"):
         if getattr(args, flag) <= 0:
@@ -328,7 +320,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     choose_threads(args.threads)
-    with exit_on_user_errors("train.py"), \
+    with exit_on_user_errors("train.py", debug=args.debug), \
             distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
         return run(args, device)
 

@@ -3,6 +3,7 @@
 A ``RunError`` is a SystemExit, so it ends the program without a traceback when it reaches the
 top; its message is printed once by ``exit_on_user_errors``. Library errors that describe bad
 input (a data file, an adapter file, a checkpoint, a busy output folder) become RunErrors there.
+With ``debug`` (the entry points' ``--debug``) the traceback is printed above that line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 
 EXIT_USER_ERROR = 2
@@ -37,16 +39,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return RunError, DataFormatError, AdapterFileError, CheckpointError, RunDirError
 
 
+def _stop(prog: str, message: str, error: BaseException, debug: bool) -> RunError:
+    """Print ``prog: error: message`` (after the traceback when ``debug``); the RunError to
+    raise."""
+    if debug:
+        # Errors re-raised as RunError ``from None`` hide their cause; a bug report needs it.
+        error.__suppress_context__ = False
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return RunError(message)
+
+
 @contextlib.contextmanager
-def exit_on_user_errors(prog: str) -> Iterator[None]:
-    """Turn a user-facing error raised inside into one ``prog: error: ...`` line and exit 2."""
+def exit_on_user_errors(prog: str, debug: bool = False) -> Iterator[None]:
+    """Turn a user-facing error raised inside into one ``prog: error: ...`` line and exit 2;
+    ``debug`` prints its traceback first."""
     try:
         yield
     except OSError as e:  # the machine's files: a full disk, a read-only or missing folder
         where = f": {e.filename}" if e.filename else ""
-        message = f"{e.strerror or e}{where}"
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        raise RunError(message) from None
+        raise _stop(prog, f"{e.strerror or e}{where}", e, debug) from None
     except _user_errors() as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        raise RunError(str(e)) from None
+        raise _stop(prog, str(e), e, debug) from None
