@@ -195,8 +195,8 @@ def test_invalid_or_unrecognized_json_file(tmp_path):
     bad.write_text('{"a.png": "x",\n "b.png" "y"}')
     with pytest.raises(DataFormatError, match=r"captions\.json:2: invalid JSON"):
         load_caption_samples(bad, skip_bad_samples=True)  # a broken file is never skippable
-    bad.write_text('[{"image": "a.png", "text": "x"}]')
-    with pytest.raises(DataFormatError, match=r"captions\.json: expected a JSON object.*jsonl"):
+    bad.write_text('"a caption"')
+    with pytest.raises(DataFormatError, match=r"captions\.json: expected a JSON object.*got str"):
         load_caption_samples(bad)
 
 

@@ -82,7 +82,7 @@ def test_jsonl_paths_relative_to_file_and_image_root(tmp_path, monkeypatch):
         ('{"image": "a.png", "question": "q", "answer": "a"', "invalid JSON"),
         ('["a.png", "q", "a"]', "expected a JSON object"),
         ('{"image": "a.png", "answer": "a"}', "no question"),
-        ('{"image": "a.png", "question": "  ", "answer": "a"}', "question must be a non-empty"),
+        ('{"image": "a.png", "question": "  ", "answer": "a"}', "empty question"),
         ('{"image": "a.png", "question": "q"}', "no answer"),
         ('{"image": "a.png", "question": "q", "answer": "x", "answers": ["y"]}', "ambiguous"),
         ('{"image": "a.png", "question": "q", "answer": " "}', "empty answer"),
@@ -179,7 +179,7 @@ def test_per_image_bad_files_and_questions(tmp_path):
         "2.json:2: invalid JSON",
         "3.json: image 'gone.png' not found",  # one entry for all its questions
         "4.json: key 'path' given twice",
-        "5.json: expected a list of JSON objects",
+        "5.json: expected a non-empty 'questions' list",
     ]:
         assert f"{tmp_path}/{expected}" in msg
     samples, report = load_vqa_samples(tmp_path, skip_bad_samples=True)
@@ -243,7 +243,7 @@ def test_vqa_v2_missing_annotations_or_images_are_explained(tmp_path):
     assert "v2_mscoco_test2015_annotations.json" in str(e.value)
     write_json(tmp_path / "v2_mscoco_test2015_annotations.json",
                {"annotations": [answered(1, 1, ["a"])]})
-    with pytest.raises(DataFormatError, match=r"COCO_test2015_000000000001\.jpg is not beside"):
+    with pytest.raises(DataFormatError, match=r"COCO_test2015_000000000001\.jpg not found \(looked for .*--image-root"):
         load_vqa_samples(q)
     with pytest.raises(DataFormatError, match=r"image_root .* is not a directory"):
         load_vqa_samples(q, image_root=tmp_path / "nowhere")
