@@ -2,12 +2,17 @@
 
     python eval.py --adapter runs/caption-lora/adapter.safetensors
     python eval.py --task vqa --adapter runs/vqa-lora/adapter.safetensors --eval-file my.jsonl
+    python eval.py --task vqa --eval-file v2_OpenEnded_mscoco_val2014_questions.json \
+        --image-root val2014/ --adapter runs/vqa-lora/adapter.safetensors
 
 Captions: BLEU-1..4, ROUGE-L, CIDEr-D (COCO caption toolkit definitions) and exact match; VQA:
 exact match, token F1 and, where every question has 10 answers, the official VQA accuracy.
-Prints a table (per metric: base, each adapter, its delta) and writes it as JSON and Markdown,
-plus report.html (each test image with references and every system's output, grouped by
-right/wrong) and contact_sheet.png.
+Each adapter predicts with its own settings (task, caption prompt) from its metadata; the base
+with --prompt or none. Columns are named after each adapter's run folder
+(runs/caption-lora/adapter.safetensors -> caption-lora), else its file name.
+Prints a table (per metric: base, each adapter, its delta) and writes it as JSON (with each
+adapter's path and sha256) and Markdown, plus report.html (each test image with references and
+every system's output, grouped by right/wrong) and contact_sheet.png, then every path written.
 """
 
 from __future__ import annotations
@@ -24,31 +29,86 @@ import logging
 import sys
 from pathlib import Path
 
+from cli import DEFAULT_DATA, ROOT, HelpFormatter, numbered_dir
+from cli.flags import (
+    add_base_flags,
+    add_data_location_flags,
+    add_debug_flag,
+    add_device_flags,
+    add_generation_flags,
+    add_quantize_flags,
+    generation_kwargs,
+)
 from evaluation import caption_scores, exact_match, is_correct, vqa_scores
 from evaluation.report import Row, write_contact_sheet, write_html
+from lora.peft_format import WEIGHTS_NAME
 from models.api import Pipeline
-from train import DEFAULT_DATA, ROOT, HelpFormatter
-from training.errors import exit_on_user_errors
+from models.export import sha256_file
+from training.errors import RunError, exit_on_user_errors
 from training.threads import choose_threads
+
+DEFAULT_OUT_DIR = ROOT / "runs" / "eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--adapter", action="append", default=[],
+                   help="adapter file (or PEFT directory) to compare with the base (repeatable)")
+    add_base_flags(g)
+    g.add_argument("--eval-file", default=None,
+                   help="test data, in any format train.py reads (default: the shipped test set "
+                        "of the task)")
+    add_data_location_flags(g, "--eval-file")
+    g.add_argument("--prompt", default=None,
+                   help="caption prefix of the base model (default: none); each adapter uses "
+                        "the prompt it was trained with")
+    add_quantize_flags(g)
+    g = p.add_argument_group("generation and output")
+    add_generation_flags(g)
+    g.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
+    add_device_flags(g)
+    g.add_argument("--out-dir", default=None,
+                   help="where eval.json, eval.md and the report go; a new or empty folder "
+                        "(default: runs/eval, numbered runs/eval-2, ... if taken)")
+    g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write report.html (images embedded) and contact_sheet.png")
+    add_debug_flag(p)
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--adapter", action="append", default=[],
-                   help="adapter file to compare with the base (repeatable)")
-    p.add_argument("--model", default=None, help="base model (default: the adapters' base)")
-    p.add_argument("--task", choices=["caption", "vqa"], default=None,
-                   help="default: the adapters' task")
-    p.add_argument("--eval-file", default=None, help="test data (default: the shipped test set)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam width")
-    p.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
-    p.add_argument("--out-dir", default="runs/eval", help="where eval.json and eval.md go")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: one per core idle at start)")
-    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write report.html (images embedded) and contact_sheet.png")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def column_names(adapters: list[str]) -> list[str]:
+    """A column name per adapter a reader recognises: the run folder of
+    <run>/adapter.safetensors, else the file (or PEFT directory) name without suffix; a
+    repeated name gets -2, -3, ..."""
+    names: list[str] = []
+    for adapter in map(Path, adapters):
+        name = adapter.parent.name if adapter.stem == "adapter" and adapter.parent.name \
+            else adapter.stem
+        unique, n = name, 1
+        while unique in names or unique == "base":
+            n += 1
+            unique = f"{name}-{n}"
+        names.append(unique)
+    return names
+
+
+def choose_out_dir(out_dir: str | None) -> Path:
+    """--out-dir if new or empty (a folder never mixes two runs' files); by default runs/eval,
+    numbered when taken."""
+    if out_dir is None:
+        return numbered_dir(DEFAULT_OUT_DIR)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"--out-dir {out} is not empty: name a new folder, or leave --out-dir "
+                       "out to write to runs/eval (numbered if taken)")
+    return out
 
 
 def score(task_name: str, units: list, preds: list[str]) -> dict[str, float]:
@@ -83,33 +143,76 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate base and adapters; returns {system: {metric: value}}."""
+    """Evaluate base and adapters; returns {column: {metric: value}}. A bad flag, data file,
+    adapter or output folder ends in one error line and exit status 2."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # which base model was used
     choose_threads(args.threads)
-    with exit_on_user_errors("eval.py"):  # a bad adapter file, a base model not found
-        pipe = Pipeline(args.model, args.adapter, task=args.task)
+    with exit_on_user_errors("eval.py", debug=args.debug):
+        return run(args)
+
+
+def load_pipeline(args: argparse.Namespace) -> Pipeline:
+    """Base + adapters as the flags say; adapters trained for another task than --task, or
+    for different tasks, are refused."""
+    try:
+        pipe = Pipeline(args.model, args.adapter, task=args.task, device=args.device,
+                        prompt=args.prompt, quantize=args.quantize,
+                        double_quant=args.double_quant)
+    # adapters of different tasks; a model or task these adapters / this architecture cannot
+    # take; a checkpoint that needs a package not installed here
+    except (ValueError, ImportError) as e:
+        raise RunError(str(e)) from None
+    other = [f"{a} ({t})" for a, t in zip(args.adapter, pipe.adapter_tasks.values(), strict=True)
+             if t and t != pipe.task.name]
+    if other:
+        raise RunError(f"--task {pipe.task.name}, but adapters were trained for another task: "
+                       f"{', '.join(other)}")
+    if args.annotations and pipe.task.name != "vqa":
+        raise RunError("--annotations names a VQA v2 annotations file: it needs --task vqa")
+    return pipe
+
+
+def systems(pipe: Pipeline, args: argparse.Namespace) -> dict[str, dict]:
+    """Per column: the injection's adapter name (None: the base) and what eval.json records."""
+    out = {"base": {"name": None, "prompt": pipe.base_prompt}}
+    for column, name, path in zip(column_names(args.adapter), pipe.adapter_names, args.adapter,
+                                  strict=True):
+        weights = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
+        out[column] = {"name": name, "adapter": str(path), "sha256": sha256_file(weights),
+                       "task": pipe.adapter_tasks[name] or pipe.task.name,
+                       "prompt": pipe.adapter_prompts[name]}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """main's work, once the flags are parsed."""
+    out = choose_out_dir(args.out_dir)  # before minutes of loading and predicting
+    pipe = load_pipeline(args)
     eval_file = args.eval_file or str(ROOT / DEFAULT_DATA[pipe.task.name][1])
-    samples = pipe.task.load_samples(eval_file)[0]
+    samples = pipe.task.load_samples(eval_file, image_root=args.image_root,
+                                     annotations=args.annotations)[0]
     units = pipe.task.eval_units(samples)
-    names = list(pipe.injection.adapters) if pipe.injection else []
+    columns = systems(pipe, args)
     table, outputs = {}, {}
-    for system, active in [("base", []), *((n, [n]) for n in names)]:
-        if pipe.injection:
-            pipe.injection.set_active(active)
-        outputs[system] = pipe.task.predict_units(units, args.batch_size, desc=system,
-                                                  num_beams=args.num_beams)
-        table[system] = score(pipe.task.name, units, outputs[system])
-    out = Path(args.out_dir)
+    for column, info in columns.items():
+        task = pipe.activate(info.pop("name"))  # this adapter alone, with its own prompt
+        outputs[column] = task.predict_units(units, args.batch_size, desc=column,
+                                             **generation_kwargs(args))
+        table[column] = score(pipe.task.name, units, outputs[column])
     out.mkdir(parents=True, exist_ok=True)
+    written = [out / "eval.json", out / "eval.md"]
+    record = {"eval_file": eval_file, "task": pipe.task.name, "base_model": pipe.model_id,
+              "systems": columns, "scores": table}
+    written[0].write_text(json.dumps(record, indent=2) + "\n")
+    written[1].write_text(markdown(table))
     if args.report:
         rows = report_rows(pipe.task.name, units, outputs)
-        write_html(rows, out / "report.html", f"{Path(eval_file).name}: base vs adapters")
-        write_contact_sheet(rows, out / "contact_sheet.png")
-    (out / "eval.json").write_text(json.dumps({"eval_file": eval_file, "scores": table},
-                                              indent=2) + "\n")
-    (out / "eval.md").write_text(markdown(table))
+        written.append(write_html(rows, out / "report.html",
+                                  f"{Path(eval_file).name}: base vs adapters"))
+        written.append(write_contact_sheet(rows, out / "contact_sheet.png"))
     print(markdown(table), end="")
+    print("\nwritten:\n" + "".join(f"  {path}\n" for path in written), end="")
     return table
 
 

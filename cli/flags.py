@@ -73,5 +73,12 @@ def add_generation_flags(g: Group, max_new_tokens: bool = True) -> None:
     """--num-beams (and --max-new-tokens): how captions and answers are generated."""
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy)")
     if max_new_tokens:
-        g.add_argument("--max-new-tokens", type=int, default=30,
-                       help="most tokens generated per caption or answer")
+        g.add_argument("--max-new-tokens", type=int, default=None,
+                       help="most tokens generated per caption or answer (default: 30, and 10 "
+                            "for BLIP VQA answers, as train.py's report generates)")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    """num_beams, and max_new_tokens only when given: each task keeps its own default."""
+    given = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
+    return {"num_beams": args.num_beams, **given}

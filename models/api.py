@@ -20,14 +20,28 @@ from lora import LoRAInjection
 from .adapters import adapter_metadata, load_adapter_path, read_sidecar
 from .base_model import locate_adapters_base
 from .loading import DEFAULT_MODELS, load_model, pick_device, place_model
-from .tasks import make_task
+from .tasks import Task, make_task
+
+
+def adapters_task(adapters: Sequence[str | Path], metas: Sequence[dict[str, str]]) -> str | None:
+    """The task the adapters were trained for (None if none records one); adapters of
+    different tasks cannot share one pipeline's task: a ValueError naming each."""
+    tasks = {str(a): m["task"] for a, m in zip(adapters, metas, strict=True) if m.get("task")}
+    if len(set(tasks.values())) > 1:
+        listing = ", ".join(f"{a} ({t})" for a, t in tasks.items())
+        raise ValueError(f"adapters of different tasks: {listing}; use each task's adapters "
+                         "in a run of their own")
+    return next(iter(tasks.values()), None)
 
 
 class Pipeline:
     """Base model + adapters (settings from each adapter file's metadata), ready to predict.
 
     An adapter is a lora-vlm ``.safetensors`` file or a PEFT adapter directory. A model
-    directory written by export.py brings the task and prompt it was trained with."""
+    directory written by export.py brings the task and prompt it was trained with.
+
+    ``task`` predicts with every adapter on (its prompt: ``prompt``, else the first adapter's);
+    ``activate`` turns one adapter (or none) on and returns the task with that one's prompt."""
 
     def __init__(
         self,
@@ -42,12 +56,22 @@ class Pipeline:
         double_quant: bool = True,
     ) -> None:
         metas = [adapter_metadata(a) for a in adapters]
-        if model:  # a merged model from export.py records the task and prompt it learned
-            metas.append(read_sidecar(model))
+        recorded = adapters_task(adapters, metas)  # a mix of tasks is an error either way
+        task = task or recorded
+        # Each adapter's own caption prompt (``activate``); the base alone gets ``prompt``,
+        # else its own (an export.py model's sidecar), else none.
+        names = [f"{i}-{Path(a).stem}" for i, a in enumerate(adapters)]
+        self.adapter_prompts = {n: m.get("prompt", "") for n, m in zip(names, metas, strict=True)}
+        self.adapter_tasks = {n: m.get("task") for n, m in zip(names, metas, strict=True)}
+        sidecar = read_sidecar(model) if model else {}
+        # a merged model from export.py records the task and prompt it learned
+        metas.append(sidecar)
+        self.base_prompt = prompt if prompt is not None else sidecar.get("prompt", "")
         # The base and task the adapters were trained for, unless the caller names them.
         model = model or locate_adapters_base(adapters, metas)  # logs which candidate it used
         task = task or next((m["task"] for m in metas if m.get("task")), None)
         model = model or DEFAULT_MODELS[task or "caption"]
+        self.model_id = str(model)  # the base actually loaded
         merge = merge and bool(adapters)
         # A merge forms W + scale·BA in full precision on the CPU and quantizes the sum once on
         # the way to the device; otherwise the base is quantized while loading (QLoRA).
@@ -58,13 +82,26 @@ class Pipeline:
             prompt = next((m["prompt"] for m in metas if m.get("prompt")), "")
         self.task = make_task(self.model, self.processor, task, prompt=prompt)
         self.injection: LoRAInjection | None = None
-        for i, path in enumerate(adapters):  # distinct names: two runs' files share a stem
-            self.injection = load_adapter_path(self.injection or self.model, path,
-                                               name=f"{i}-{Path(path).stem}")
+        for name, path in zip(self.adapter_prompts, adapters, strict=True):
+            # distinct names: two runs' files share a stem
+            self.injection = load_adapter_path(self.injection or self.model, path, name=name)
         if merge:  # W + scale·BA in full precision first, then one quantization of the sum
             self.injection.merge()  # no backup copy of W (exact_unmerge): inference only
             place_model(self.model, pick_device(device), quantize, double_quant)
             self.injection.to(pick_device(device))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters' names in the injection, in the order given."""
+        return list(self.adapter_prompts)
+
+    def activate(self, name: str | None) -> Task:
+        """Adapter ``name`` alone on (None: the base alone); returns the task predicting with
+        its caption prompt: the adapter's training prompt, for the base ``prompt`` or none."""
+        if self.injection is not None:
+            self.injection.set_active([] if name is None else [name])
+        prompt = self.base_prompt if name is None else self.adapter_prompts[name]
+        return make_task(self.model, self.processor, self.task.name, prompt=prompt)
 
     def caption(self, images: Sequence[Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per PIL image (one generate call: batch large lists yourself)."""
