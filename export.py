@@ -29,6 +29,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cli import HelpFormatter
+from cli.flags import add_debug_flag, add_threads_flag
 from lora import QUANT_MODES
 from models.api import Pipeline
 from models.export import (
@@ -40,12 +42,11 @@ from models.export import (
     export_peft,
 )
 from models.loading import DEFAULT_MODELS
-from train import HelpFormatter
 from training.errors import RunError, exit_on_user_errors
 from training.threads import choose_threads
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--adapter", action="append", required=True,
@@ -72,8 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--quantize nf4 --no-double-quant computes with; from_pretrained then "
                         "needs bitsandbytes and accelerate. int8 has no faithful "
                         "transformers-loadable form and is refused")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: one per core idle at start)")
+    add_threads_flag(p)
+    add_debug_flag(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags, checked."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.out is None and args.peft is None:
         p.error("nothing to write: give --out DIR (merged model), --peft DIR, or both")
@@ -120,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Export; a bad adapter, model or destination ends in one error line and exit status 2."""
     args = parse_args(argv)
-    with exit_on_user_errors("export.py"):
+    with exit_on_user_errors("export.py", debug=args.debug):
         try:
             run(args)
         except ExportError as e:
