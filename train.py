@@ -469,7 +469,10 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     if resume_dir:
         injection = load_adapter(model, resume_dir / ADAPTER, name="default")
     else:
-        injection = inject_lora(model, lora_cfg)
+        try:
+            injection = inject_lora(model, lora_cfg)
+        except ValueError as e:  # a --rank-pattern / --alpha-pattern that selects nothing
+            raise RunError(str(e)) from None
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(

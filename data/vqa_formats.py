@@ -261,7 +261,8 @@ def _annotations_path(path: Path, annotations: str | Path | None) -> Path:
             return candidate
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates) if c != path) or "none"
     raise DataFormatError(
-        f"{path}: no VQA v2 annotations file found (looked for: {looked}); pass annotations=. "
+        f"{path}: no VQA v2 annotations file found (looked for: {looked}); pass --annotations "
+        "(annotations= in Python). "
         "Answers come from the annotations, so test splits, which have none, cannot be used"
     )
 

@@ -19,16 +19,31 @@ from torch.utils.hooks import RemovableHandle
 from .config import LoRAConfig
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
-from .targets import first_match, linear_modules, resolve_targets, select_targets
+from .targets import (
+    candidate_summary,
+    first_match,
+    linear_modules,
+    resolve_targets,
+    select_targets,
+    unmatched_patterns,
+)
 
 # module path -> (r, alpha): the resolved shape of one adapter.
 AdapterSpec = dict[str, tuple[int, float]]
 
 
 def resolve_spec(model: nn.Module, config: LoRAConfig) -> AdapterSpec:
-    """Per-module (r, alpha) for the Linears ``config.targets`` selects, patterns applied."""
+    """Per-module (r, alpha) for the Linears ``config.targets`` selects, patterns applied; a
+    pattern that selects none of them is a ValueError (a typo would silently change nothing)."""
+    paths = select_targets(model, config.targets)
+    for kind, patterns in (("rank", config.rank_pattern), ("alpha", config.alpha_pattern)):
+        if unmatched := unmatched_patterns(paths, patterns):
+            raise ValueError(
+                f"{kind} pattern {unmatched[0]!r} (--{kind}-pattern) selects none of the "
+                f"{len(paths)} Linear layers the LoRA targets select; they are:\n  "
+                f"{candidate_summary(paths)}")
     spec = {}
-    for path in select_targets(model, config.targets):
+    for path in paths:
         r = first_match(path, config.rank_pattern)
         alpha = first_match(path, config.alpha_pattern)
         spec[path] = (int(r or config.r), float(config.alpha if alpha is None else alpha))

@@ -147,3 +147,9 @@ def select_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
 def first_match(name: str, patterns: Mapping[str, float]) -> float | None:
     """The value of the first pattern (in order) that selects ``name``, else None."""
     return next((v for p, v in patterns.items() if matches(name, p)), None)
+
+
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The ``patterns`` (rank/alpha override keys) that select none of ``names``."""
+    names = list(names)
+    return [p for p in patterns if not any(matches(n, p) for n in names)]

@@ -9,6 +9,7 @@ models/truncation.py): its kept caption tokens are learned, its [SEP] is not.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -18,8 +19,11 @@ from PIL import Image
 from transformers import BlipProcessor, PreTrainedModel
 
 from .loss import IGNORE
-from .prompts import Prompt
+from .prompts import Prompt, PromptError
 from .truncation import TruncationLog, cut_rows, mask_cut_ends
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[int, int]] = set()  # (start, max_new_tokens) settings already warned about
 
 
 class CaptionItem(NamedTuple):
@@ -70,6 +74,25 @@ class CaptionCollator:
                 "attention_mask": enc["attention_mask"], "labels": labels}
 
 
+def fit_new_tokens(model: PreTrainedModel, start: int, max_new_tokens: int, what: str) -> int:
+    """``max_new_tokens`` lowered so ``start`` tokens (bos + prompt) plus the generated ones fit
+    BLIP's text position table (beyond it generate fails with an IndexError); a PromptError
+    when the start alone fills it."""
+    limit = model.config.text_config.max_position_embeddings
+    if start >= limit:
+        raise PromptError(f"{what} takes {start} tokens with the start token, and "
+                          f"{type(model).__name__}'s text model has {limit} positions: shorten "
+                          f"the text (--prompt) to under {limit - 1} tokens")
+    if start + max_new_tokens <= limit:
+        return max_new_tokens
+    if (start, max_new_tokens) not in _WARNED:  # once per setting, not once per batch
+        _WARNED.add((start, max_new_tokens))
+        log.warning("--max-new-tokens %d lowered to %d: %s (%d tokens with the start token) "
+                    "and the generated text must fit the text model's %d positions",
+                    max_new_tokens, limit - start, what, start, limit)
+    return limit - start
+
+
 @torch.no_grad()
 def generate_captions(
     model: PreTrainedModel,
@@ -93,6 +116,7 @@ def generate_captions(
     inputs = processor(images=list(images), return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     head = Prompt(processor.tokenizer, prompt)
+    max_new_tokens = fit_new_tokens(model, len(head), max_new_tokens, "the prompt")
     if head.text:
         text = processor.tokenizer([head.text] * len(images), return_tensors="pt").to(device)
         inputs.update(input_ids=text["input_ids"], attention_mask=text["attention_mask"])

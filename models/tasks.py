@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from data.formats import CaptionSample, load_caption_samples, load_image
+from data.formats import CaptionSample, DataFormatError, load_caption_samples, load_image
 from data.vqa_formats import VQASample, load_vqa_samples
 
 from .blip2 import (
@@ -32,7 +32,7 @@ from .blip2 import (
     max_sequence_length,
 )
 from .blip_vqa import VQACollator, VQAItem, vqa_generate, vqa_loss_sum
-from .captioning import CaptionCollator, CaptionItem, generate_captions
+from .captioning import CaptionCollator, CaptionItem, fit_new_tokens, generate_captions
 from .loss import count_targets, token_loss_sum
 from .prompts import BLIP2_VQA_PROMPT
 from .truncation import TruncationLog
@@ -84,7 +84,8 @@ class Task:
         ``annotations`` names a VQA v2 annotations file (VQA only)."""
         if self.name == "caption":
             if annotations is not None:
-                raise ValueError("annotations= applies to VQA v2 data, not captions")
+                raise DataFormatError(f"{path}: --annotations applies to VQA v2 data "
+                                      "(--task vqa), not captions")
             return load_caption_samples(path, skip_bad_samples=skip_bad_samples,
                                         image_root=image_root)
         return load_vqa_samples(path, skip_bad_samples=skip_bad_samples, image_root=image_root,
@@ -160,6 +161,22 @@ def effective_max_length(model: PreTrainedModel, max_length: int | None) -> int:
     return limit
 
 
+def fit_questions(tokenizer: Any, questions: Sequence[str], positions: int) -> list[str]:
+    """``questions`` cut to what a text model of ``positions`` positions takes with its special
+    tokens (a longer one overflows the position table); a warning for each one cut."""
+    room = positions - tokenizer.num_special_tokens_to_add()
+    fitted = []
+    for q in questions:
+        ids = tokenizer(q, add_special_tokens=False).input_ids
+        if len(ids) > room:
+            log.warning("question %r has %d tokens: cut to its first %d (the model's text side "
+                        "has %d positions)", q if len(q) <= 60 else q[:57] + "...", len(ids),
+                        room, positions)
+            q = tokenizer.decode(ids[:room])
+        fitted.append(q)
+    return fitted
+
+
 def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "",
               max_length: int | None = None) -> Task:
     """The Task for ``model``'s family; ``prompt`` prefixes captions (BLIP, BLIP-2), joined
@@ -185,9 +202,16 @@ def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "
             prompt, max_length=max_length, truncations=collator.truncations)
     if (family, task) == ("blip", "vqa"):
         collator = VQACollator(processor, bos, max_length)
-        return Task(task, family, collator, vqa_loss_sum,
-                    lambda images, qs, **kw: vqa_generate(model, processor, images, qs, **kw),
-                    max_length=max_length, truncations=collator.truncations)
+        positions = model.config.text_config.max_position_embeddings
+
+        def answer(images, qs, max_new_tokens: int = 10, **kw) -> list[str]:
+            # Questions and answers each get the text model's positions (bos starts an answer).
+            new = fit_new_tokens(model, 1, max_new_tokens, "the answer's start token")
+            return vqa_generate(model, processor, images, fit_questions(
+                processor.tokenizer, qs, positions), max_new_tokens=new, **kw)
+
+        return Task(task, family, collator, vqa_loss_sum, answer, max_length=max_length,
+                    truncations=collator.truncations)
     if family == "blip2" and task in ("caption", "vqa"):
         blip2_collator = Blip2Collator.for_model(model, processor, max_length)
         fmt = BLIP2_VQA_PROMPT.format
