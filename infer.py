@@ -31,23 +31,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cli import HelpFormatter
+from cli.flags import (
+    add_base_flags,
+    add_debug_flag,
+    add_device_flags,
+    add_generation_flags,
+    add_quantize_flags,
+    generation_kwargs,
+)
 from data.formats import load_image
-from lora import QUANT_MODES
 from models.api import Pipeline
-from train import HelpFormatter
 from training.errors import RunError, exit_on_user_errors
 from training.threads import choose_threads
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--model", default=None,
-                   help="hub id or local BLIP directory (default: the adapters' base model, "
-                        "else the embedded tiny BLIP)")
+    add_base_flags(p)  # --model, --task (vqa also when --question is given)
     p.add_argument("--adapter", action="append", default=[],
                    help="adapter .safetensors file or PEFT adapter directory "
                         "(adapter_config.json + adapter_model.safetensors); repeatable: their "
@@ -55,20 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="merge adapters into the weights (no per-layer hook cost); with "
                         "--quantize the merge happens in full precision, then W + BA is quantized")
-    p.add_argument("--quantize", choices=QUANT_MODES, default="none",
-                   help="store the base's Linear weights as int8 or NF4 (dequantized on the fly; "
-                        "adapters hook on top unless --merge)")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="NF4 only: also quantize the per-block scales")
+    add_quantize_flags(p)  # adapters hook on top of the quantized base unless --merge
     p.add_argument("--question", action="append", default=None,
                    help="answer this question about every image (repeatable; VQA models and "
                         "BLIP-2)")
-    p.add_argument("--task", choices=["caption", "vqa"], default=None,
-                   help="default: the adapters' task, else the model's (vqa if --question)")
     p.add_argument("--prompt", default=None,
                    help="caption prefix (default: the adapter's training prompt, else none)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens")
+    add_generation_flags(p)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -76,11 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="images per generate call")
     p.add_argument("--output", default=None,
                    help="write results to this .json or .jsonl file instead of stdout")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--fp16", action="store_true", help="load the model in float16 (GPU)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: one per core idle at start)")
-    return p.parse_args(argv)
+    add_device_flags(p)
+    add_debug_flag(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    return build_parser().parse_args(argv)
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -98,22 +100,39 @@ def find_images(inputs: list[str]) -> list[Path]:
     return found
 
 
+def as_lines(results: list[dict]) -> str:
+    """Tab-separated lines: image, caption (or image, question, answer)."""
+    return "".join("\t".join(r.values()) + "\n" for r in results)
+
+
+# --output's format, by the file's extension.
+OUTPUT_FORMATS = {".txt": as_lines,
+                  ".jsonl": lambda results: "".join(json.dumps(r) + "\n" for r in results),
+                  ".json": lambda results: json.dumps(results, indent=2) + "\n"}
+
+
+def check_output(output: str | None) -> None:
+    """Refuse an --output whose extension names no format, before any work is done."""
+    if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
+        raise RunError(f"--output {output}: unknown extension; use one of "
+                       f"{', '.join(OUTPUT_FORMATS)} (tab-separated lines, JSON lines, a JSON "
+                       "list)")
+
+
 def write_results(results: list[dict], output: str | None) -> None:
-    """JSON list, JSONL lines, or tab-separated lines on stdout."""
+    """Tab-separated lines on stdout, or --output in the format its extension names."""
     if output is None:
-        for r in results:
-            print("\t".join(r.values()))
-    elif output.endswith(".jsonl"):
-        Path(output).write_text("".join(json.dumps(r) + "\n" for r in results))
-    else:
-        Path(output).write_text(json.dumps(results, indent=2) + "\n")
+        sys.stdout.write(as_lines(results))
+        return
+    Path(output).write_text(OUTPUT_FORMATS[Path(output).suffix.lower()](results))
+    logging.getLogger("infer").info("%d results written to %s", len(results), output)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Caption every input image; returns [{"image", "caption"}]. A bad adapter or model
     ends in one error line and exit status 2."""
     args = parse_args(argv)
-    with exit_on_user_errors("infer.py"):
+    with exit_on_user_errors("infer.py", debug=args.debug):
         return run(args)
 
 
@@ -122,6 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     choose_threads(args.threads)
     torch.manual_seed(args.seed)
+    check_output(args.output)
     images = find_images(args.inputs)
     task = args.task or ("vqa" if args.question else None)
     try:
@@ -133,8 +153,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     # needs a package not installed here (bitsandbytes NF4: transformers says which)
     except (ValueError, ImportError) as e:
         raise RunError(str(e)) from None
-    gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-               do_sample=args.do_sample, top_p=args.top_p, temperature=args.temperature)
+    if pipe.task.name == "vqa" and not args.question:
+        raise RunError(f"{' + '.join(args.adapter) or args.model or 'this model'} answers "
+                       "questions (task vqa): pass --question \"...\" (repeatable) to ask it "
+                       "about every image")
+    gen = dict(**generation_kwargs(args), do_sample=args.do_sample, top_p=args.top_p,
+               temperature=args.temperature)
     # One query per (image, question) pair, or per image when captioning.
     queries = [(p, q) for p in images for q in (args.question or [None])]
     results = []
