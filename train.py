@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
 from cli import DEFAULT_DATA, ROOT, HelpFormatter
@@ -320,7 +321,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     choose_threads(args.threads)
-    with exit_on_user_errors("train.py", debug=args.debug), \
+    # One stream for the run's log: records go to stderr above the progress bar (also stderr)
+    # instead of being glued to it; stdout carries only the final "adapter: <path>" line.
+    with exit_on_user_errors("train.py", debug=args.debug), logging_redirect_tqdm(), \
             distributed.process_group(pick_device(args.device)) as device:  # no-op outside torchrun
         return run(args, device)
 
@@ -346,6 +349,9 @@ class Run:
     pos: Position
     metrics: MetricsLog
     bar: tqdm
+    val_samples: list = dataclasses.field(default_factory=list)  # scored at the end if no
+    # --eval-file was given for a user's data
+    start_step: int = 0  # the step this process started at (0, or where it resumed)
     window_rng: dict[str, Any] = dataclasses.field(default_factory=rng_state)
     t0: float = dataclasses.field(default_factory=time.time)
     main_rank: bool = True  # the one process that logs and writes files
@@ -388,7 +394,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
         raise RunError(str(e)) from None
     args.max_length = task.max_length  # the value used, recorded and compared on resume
     train_file, eval_file = (str(ROOT / f) for f in DEFAULT_DATA[task_name])
-    args.train_file, args.eval_file = args.train_file or train_file, args.eval_file or eval_file
+    # The shipped test set scores the shipped data only: a user's --train-file without an
+    # --eval-file is scored on its own validation split (finish), never on the cubes.
+    if args.eval_file is None and args.train_file is None:
+        args.eval_file = eval_file
+    args.train_file = args.train_file or train_file
     out_dir = choose_output_dir(args, task_name)
     with contextlib.ExitStack() as stack:
         if main_rank:  # held until the run ends; a second run on out_dir stops with a message
@@ -517,7 +527,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
                amp_dtype, pos, MetricsLog(metrics_path, enabled=distributed.is_main()),
                tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
                     disable=not distributed.is_main()),
-               main_rank=distributed.is_main(), world=world)
+               val_samples=val_samples, start_step=pos.step, main_rank=distributed.is_main(),
+               world=world)
 
 
 def resolve_lora_targets(flag: str, model: torch.nn.Module) -> tuple[str, ...]:
@@ -573,6 +584,7 @@ def train_epochs(run: Run) -> Path | None:
                         run.checkpoint(rng_state())
                     if args.stop_after_steps and run.pos.step >= args.stop_after_steps:
                         folder = run.checkpoint(rng_state())
+                        run.bar.close()  # the message below starts its own line
                         log.info("stopped after %d steps; resume with --resume %s",
                                  run.pos.step, folder)
                         return folder
@@ -661,7 +673,7 @@ def end_of_epoch(run: Run, epoch: int) -> None:
                              base_model=run.args.model, extra=run.adapter_meta)
             run.pos = dataclasses.replace(run.pos, best_val=val)
         if run.main_rank:
-            run.bar.write(f"epoch {epoch}: val loss {val:.4f}")
+            log.info("epoch %d: val loss %.4f", epoch, val)  # above the bar (main())
     run.metrics.write(record)
     run.pos = dataclasses.replace(run.pos, epoch=epoch + 1, micro=0)
     run.checkpoint(rng_state())
@@ -677,8 +689,10 @@ def finish(run: Run) -> Path:
             plot_curves(run.out_dir / "metrics.jsonl")
         except ValueError as e:  # e.g. every step skipped: nothing to draw
             log.warning("no curves.png: %s", e)
-        log.info("trained %d steps in %.1f s; adapter saved to %s", run.pos.step,
-                 time.time() - run.t0, final)
+        ran = run.pos.step - run.start_step
+        resumed = f" (resumed at step {run.start_step})" if run.start_step else ""
+        log.info("%d of %d optimizer steps ran in this process%s, in %.1f s", ran,
+                 run.config["total_steps"], resumed, time.time() - run.t0)
     distributed.barrier()  # the adapter is on disk before any rank returns
     if not run.main_rank:
         return final  # the exact-match report below is rank 0's alone
@@ -686,27 +700,66 @@ def finish(run: Run) -> Path:
         log.info("%d training/validation samples were longer than --max-length %d tokens "
                     "and were truncated (the first ones are named above)",
                     run.task.truncations.count, run.task.max_length)
-    if run.args.eval_file.lower() != "none":
+    if (source := eval_source(run)) is not None:
         report_exact_match(run.task, run.injection, run.args, run.amp_dtype, run.device,
-                           run.out_dir)
-    print(f"adapter: {final}")
+                           run.out_dir, *source)
+    list_outputs(run.out_dir)
+    print(f"adapter: {final}")  # stdout: the one line a script needs; the log is on stderr
     return final
 
 
+def eval_source(run: Run) -> tuple[list, dict[str, Any]] | None:
+    """(samples, what they are) for the exact-match report: --eval-file; else, for a user's
+    --train-file, its validation samples; None (said so) when there is nothing to score."""
+    args = run.args
+    if args.eval_file is not None and args.eval_file.lower() == "none":
+        return None
+    if args.eval_file is not None:
+        samples = load_samples(run.task, args.eval_file, args)
+        return samples, {"file": args.eval_file, "split": "test", "samples": len(samples)}
+    if not run.val_samples:
+        log.info("no exact-match report: no --eval-file and no validation split (--val-file "
+                 "or --val-fraction > 0) to score %s on", args.train_file)
+        return None
+    held_out = args.val_file or args.train_file
+    return run.val_samples, {"file": held_out, "split": "validation",
+                             "samples": len(run.val_samples)}
+
+
 def report_exact_match(task: Task, injection: LoRAInjection, args, amp_dtype, device,
-                       out_dir: Path) -> None:
-    """Exact match on --eval-file with the adapter (and the base), logged and saved as JSON."""
+                       out_dir: Path, samples: list, evaluated_on: dict[str, Any]) -> None:
+    """Exact match on ``samples`` with the adapter (and the base), logged and saved as JSON
+    with ``evaluated_on`` (which file and split)."""
     injection.model.eval()
-    samples = load_samples(task, args.eval_file, args)
-    results = {"adapter": exact_match_report(task, samples, args, amp_dtype, device)}
+    results: dict[str, Any] = {
+        "adapter": exact_match_report(task, samples, args, amp_dtype, device)}
     if args.eval_base:
         injection.set_active([])
         results["base"] = exact_match_report(task, samples, args, amp_dtype, device)
         injection.set_active(["default"])
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    where = f"{Path(evaluated_on['file']).name} ({evaluated_on['split']})"
     for who, scores in results.items():
-        log.info("exact match (%s) on %s: %s", who, Path(args.eval_file).name,
+        log.info("exact match (%s) on %s: %s", who, where,
                  ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+    results["evaluated_on"] = evaluated_on
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+# What each output of a run is, in the order the end-of-run listing shows them.
+OUTPUTS = {ADAPTER: "the final adapter: use this (infer.py / eval.py --adapter)",
+           "best.safetensors": "the adapter of the epoch with the lowest validation loss",
+           "eval.json": "exact match of the adapter (and the base) and what it was measured on",
+           "curves.png": "loss, validation loss and learning rate per step",
+           "metrics.jsonl": "one record per optimizer step and per epoch",
+           "run_config.json": "every setting of the run, versions and git commit",
+           "checkpoints": "training state to continue from (--resume auto)"}
+
+
+def list_outputs(out_dir: Path) -> None:
+    """Log every file the run folder holds, and which one to use."""
+    lines = [f"  {out_dir / name}  {what}" for name, what in OUTPUTS.items()
+             if (out_dir / name).exists()]
+    log.info("outputs:\n%s", "\n".join(lines))
 
 
 if __name__ == "__main__":

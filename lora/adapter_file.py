@@ -77,6 +77,13 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
                         metadata: dict[str, str]) -> None:
     """save_file to a temp file in the same folder, then rename: no half-written checkpoints."""
@@ -85,6 +92,9 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp's file is 0600 (and save_file keeps it); give it the mode open() would
+        # (0666 less the umask), so the adapter is as readable as the run's other outputs.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -81,7 +81,13 @@ def _run_eval(adapter: Path) -> tuple[dict[str, Any] | None, str | None]:
     except (OSError, ValueError) as e:
         log.warning("%s: not readable (%s): not reported in the model card", path, e)
         return None, None
-    return (scores, eval_file) if isinstance(scores, dict) else (None, None)
+    if not isinstance(scores, dict):
+        return None, None
+    # train.py records what it scored beside the scores (older runs: run_config's eval_file).
+    scored = scores.pop("evaluated_on", None)
+    if isinstance(scored, dict) and scored.get("file"):
+        eval_file = f"{scored['file']} ({scored.get('split', 'test')} split)"
+    return scores, eval_file
 
 
 def describe_source(path: str | Path) -> AdapterSource:

@@ -2,7 +2,13 @@
 
 import itertools
 import json
+import logging
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +24,8 @@ from models.loading import load_model
 from models.tasks import make_task
 from training.accumulation import steps_per_epoch, windows
 from training.schedule import make_scheduler, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_warmup_cosine_shape():
@@ -165,3 +173,69 @@ def test_half_precision_base_trains_fp32_adapters(setup, tmp_path):
                                          "--base-dtype", "bf16", "--precision", "fp32")))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def _own_data_args(setup, out, *extra: str) -> list[str]:
+    """train_args without --eval-file: a user's data, no test file named."""
+    args = train_args(setup, out, "--epochs", "1", *extra)
+    i = args.index("--eval-file")
+    return args[:i] + args[i + 2 :]
+
+
+def test_own_data_is_scored_on_its_validation_split(setup, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train.main(_own_data_args(setup, tmp_path / "r"))
+    report = json.loads((tmp_path / "r/eval.json").read_text())
+    # 12 images, --val-fraction 0.25: the 3 held-out ones, never the shipped cube test set.
+    assert report["evaluated_on"] == {"file": str(setup[1]), "split": "validation",
+                                      "samples": 3}
+    assert set(report) == {"adapter", "base", "evaluated_on"}
+    assert "annotations_test" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train.main(_own_data_args(setup, tmp_path / "r2", "--val-fraction", "0"))
+    assert not (tmp_path / "r2/eval.json").exists()
+    assert "no exact-match report" in caplog.text and "--eval-file" in caplog.text
+
+
+def test_run_output_lists_files_steps_and_is_group_readable(setup, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_args(setup, out, "--epochs", "1")]
+    umask = os.umask(0o022)
+    try:
+        stopped = subprocess.run([*cmd, "--stop-after-steps", "1"], capture_output=True,
+                                 text=True, timeout=300)
+        resumed = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True,
+                                 timeout=300)
+    finally:
+        os.umask(umask)
+    assert stopped.returncode == 0 and resumed.returncode == 0, resumed.stderr
+    # The log line starts its own line: the progress bar was closed first.
+    assert any(s.startswith("stopped after 1 steps") for s in re.split(r"[\r\n]",
+                                                                       stopped.stderr))
+    # stdout holds the adapter line alone; the run's log (val loss included) is on stderr.
+    assert resumed.stdout == f"adapter: {out / 'adapter.safetensors'}\n"
+    assert "val loss" in resumed.stderr
+    assert "1 of 2 optimizer steps ran in this process (resumed at step 1)" in resumed.stderr
+    for name in ("adapter.safetensors", "best.safetensors", "curves.png", "metrics.jsonl",
+                 "run_config.json", "checkpoints"):
+        assert str(out / name) in resumed.stderr, name
+    for name in ("adapter.safetensors", "best.safetensors",
+                 "checkpoints/step-000002/adapter.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_infer_passes_sampling_flags_only_when_sampling(setup, monkeypatch):
+    from transformers import BlipForConditionalGeneration
+    seen, real = [], BlipForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", spy)
+    image = str(sorted(setup[1].parent.glob("*.png"))[0])
+    infer.main([image, "--model", str(setup[0])])
+    infer.main([image, "--model", str(setup[0]), "--do-sample", "--top-p", "0.5"])
+    assert not {"do_sample", "top_p", "temperature"} & set(seen[0])
+    assert seen[1]["do_sample"] is True and seen[1]["top_p"] == 0.5
