@@ -11,14 +11,13 @@ it logs which one it used, or names everything it tried.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig
 
-from .loading import ROOT, resolve_model_id
+from .loading import local_model_dirs, resolve_model_id
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +45,7 @@ def _is_hub_id(model_id: str) -> bool:
 
 def _local_candidates(given: str, stored: str) -> list[tuple[Path, str]]:
     """(directory, where it came from) in the order tried, each directory once."""
-    given = os.path.expanduser(given)  # abspath: '..' folded, symlinks kept as named
-    candidates = [(Path(os.path.abspath(given)), "from the working directory"),
-                  (Path(os.path.abspath(ROOT / given)), "in the checkout")]
+    candidates = local_model_dirs(given)
     if stored:
         candidates.append((Path(stored), "stored in the adapter"))
     unique: dict[Path, str] = {}

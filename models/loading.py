@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,16 @@ ARCHITECTURES: dict[str, tuple[type[PreTrainedModel], tuple[str, ...]]] = {
 }
 
 
+def local_model_dirs(model_id: str) -> list[tuple[Path, str]]:
+    """Where a model id could be a local directory, in the order looked at: (path, how)."""
+    given = os.path.expanduser(model_id)  # abspath: '..' folded, symlinks kept as named
+    return [(Path(os.path.abspath(given)), "from the working directory"),
+            (Path(os.path.abspath(ROOT / given)), "in the checkout")]
+
+
 def resolve_model_id(model_id: str) -> str:
     """A local directory (as given, or relative to the checkout), else the hub id unchanged."""
-    if Path(model_id).expanduser().is_dir():
-        return str(Path(model_id).expanduser())
-    if (ROOT / model_id).is_dir():
-        return str(ROOT / model_id)
-    return model_id
+    return next((str(path) for path, _ in local_model_dirs(model_id) if path.is_dir()), model_id)
 
 
 def architecture(model_id: str) -> str:
