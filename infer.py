@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--batch-size", type=int, default=16, help="images per generate call")
     p.add_argument("--output", default=None,
-                   help="write results to this .json or .jsonl file instead of stdout")
+                   help="write results to this file instead of stdout, by extension: .txt "
+                        "(tab-separated lines), .jsonl or .json")
     p.add_argument("--fp16", action="store_true", help="load the model in float16 (GPU)")
     add_device_flags(p)
     add_debug_flag(p)

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--val-file is given (0 disables validation)")
     g.add_argument("--eval-file", default=None,
                    help="test data for the exact-match report after training (default: the "
-                        "shipped test set of the task; 'none' skips it)")
+                        "shipped test set with the shipped training data; with your own "
+                        "--train-file, its validation split; 'none' skips it)")
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="skip (and count) malformed lines and unreadable images instead of failing")
     add_data_location_flags(g, "--train-file")

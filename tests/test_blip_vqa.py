@@ -117,7 +117,8 @@ def test_train_vqa_then_infer_questions(tmp_path):
                           str(data), "--epochs", "2", "--batch-size", "4",
                           "--output-dir", str(tmp_path / "run")])
     report = json.loads((tmp_path / "run/eval.json").read_text())
-    assert set(report) == {"adapter", "base"}  # its values: test_eval's train-vs-eval test
+    assert set(report) == {"adapter", "base", "evaluated_on"}  # values: see test_eval
+    assert report["evaluated_on"] == {"file": str(data), "split": "test", "samples": 12}
     image = str(tmp_path / "d/0.png")
     out = infer.main([image, "--adapter", str(adapter), "--question", "is the cube red?",
                       "--question", "what colour is the cube?"])

@@ -85,8 +85,10 @@ def test_train_report_eval_table_and_report_rows_agree(tmp_path, monkeypatch, ta
     trained = train.exact_match_report(task, samples, args, None, torch.device("cpu"))
     assert trained["all"] == pytest.approx(expected)
 
-    monkeypatch.setattr(evaluate, "Pipeline",
-                        lambda *a, **kw: SimpleNamespace(task=task, injection=None))
+    stub = SimpleNamespace(task=task, injection=None, adapter_tasks={}, adapter_names=[],
+                           adapter_prompts={}, base_prompt="", model_id="stub",
+                           activate=lambda name: task)
+    monkeypatch.setattr(evaluate, "Pipeline", lambda *a, **kw: stub)
     table = evaluate.main(["--task", task_name, "--eval-file", str(data), "--out-dir",
                            str(tmp_path / "e"), "--batch-size", "3"])
     assert table["base"]["exact_match"] == pytest.approx(expected)
