@@ -243,7 +243,8 @@ def test_vqa_v2_missing_annotations_or_images_are_explained(tmp_path):
     assert "v2_mscoco_test2015_annotations.json" in str(e.value)
     write_json(tmp_path / "v2_mscoco_test2015_annotations.json",
                {"annotations": [answered(1, 1, ["a"])]})
-    with pytest.raises(DataFormatError, match=r"COCO_test2015_000000000001\.jpg not found \(looked for .*--image-root"):
+    missing = r"COCO_test2015_000000000001\.jpg not found \(looked for .*--image-root"
+    with pytest.raises(DataFormatError, match=missing):
         load_vqa_samples(q)
     with pytest.raises(DataFormatError, match=r"image_root .* is not a directory"):
         load_vqa_samples(q, image_root=tmp_path / "nowhere")
