@@ -29,8 +29,9 @@ def add_data_location_flags(g: Group, data_flag: str) -> None:
     """--image-root and --annotations: where the images and VQA v2 answers of ``data_flag``'s
     files are."""
     g.add_argument("--image-root", default=None,
-                   help="folder the data files' image paths are relative to (default: each JSON/"
-                        "JSONL file's own folder); e.g. COCO's train2014/ for VQA v2")
+                   help="folder the data files' image paths are relative to (default: looked "
+                        "up in the data file's folder, its parents up to the working directory, "
+                        "the working directory, and their images/ subfolders)")
     g.add_argument("--annotations", default=None,
                    help=f"VQA v2: the annotations file of {data_flag} (default: the sibling "
                         "named like the questions file, v2_mscoco_<split>_annotations.json)")
