@@ -146,14 +146,19 @@ def one_of(record: dict[str, Any], keys: tuple[str, ...], what: str) -> Any:
     return record[found[0]]
 
 
+def visible_text(text: str) -> str:
+    """``text`` without invisible characters (zero-width spaces, soft hyphens, BOMs: Unicode
+    'Cf'), stripped: empty when nothing a reader would see is left."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
 def clean_text(value: Any, what: str) -> str:
     """A caption, question or answer stripped; BadEntry if not a string or empty once
-    invisible characters (zero-width spaces, soft hyphens, BOMs: Unicode 'Cf') are removed."""
+    invisible characters are removed (visible_text)."""
     if not isinstance(value, str):
         raise BadEntry(f"{what} must be a string, got {type(value).__name__}")
     text = value.strip()
-    visible = "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
-    if not visible:
+    if not visible_text(text):
         raise BadEntry(f"empty {what}" + (" (only invisible characters)" if text else ""))
     return text
 

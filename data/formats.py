@@ -46,6 +46,7 @@ from data.files import (
     read_json_file,
     read_jsonl,
     visible_entries,
+    visible_text,
 )
 from data.images import image_problem, load_image
 
@@ -240,7 +241,8 @@ def _read_folder(root: Path, check: Callable[[Path], str | None]) -> Iterator[_E
                 lines = txt.read_text(encoding="utf-8-sig").split("\n")
             except (OSError, UnicodeDecodeError) as e:
                 raise BadEntry(f"cannot read ({e})") from e
-            captions = [(n, c.strip()) for n, c in enumerate(lines, start=1) if c.strip()]
+            # A line of only invisible characters is as empty as a blank one.
+            captions = [(n, c.strip()) for n, c in enumerate(lines, start=1) if visible_text(c)]
             folder = image_dir / txt.stem
             if not captions:
                 raise BadEntry("no captions (no non-empty line)")

@@ -307,6 +307,17 @@ def test_folder_tree_problems(tmp_path):
     assert len(samples) == 5 and report.count == 5
 
 
+def test_folder_tree_lines_of_only_invisible_characters_are_not_captions(tmp_path):
+    root = folder_tree(tmp_path / "ds")
+    (root / "caption/dog.txt").write_text("\u200b\u00ad\n\ufeff\u200b\n")  # zero-width, soft hyphen
+    with pytest.raises(DataFormatError, match=r"caption/dog.txt: no captions"):
+        load_caption_samples(root)
+    (root / "caption/dog.txt").write_text("\u200b\na dog\n")
+    samples, _ = load_caption_samples(root)
+    assert [(s.text, s.source.rsplit("/", 1)[1]) for s in samples if "dog" in s.source] == [
+        ("a dog", "dog.txt:2")]
+
+
 def test_directory_without_caption_and_image_is_rejected(tmp_path):
     png(tmp_path / "image_train/a.png")
     write_jsonl(tmp_path / "annotations.jsonl", [{"image": "image_train/a.png", "text": "t"}])
