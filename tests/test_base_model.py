@@ -97,10 +97,11 @@ def test_a_base_trained_from_the_hub_is_fetched_from_the_hub(tmp_path, monkeypat
 
 def test_a_path_that_is_no_hub_id_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BaseModelNotFoundError) as e:
-        locate_base_model({"base_model": "../x"}, "a.safetensors")
-    assert "hub id '../x'" not in str(e.value)
-    assert f"{tmp_path.parent / 'x'} (from the working directory)" in str(e.value)
+    name = f"{tmp_path.name}-no-such-base"  # unique: '../<name>' exists neither here nor beside
+    with pytest.raises(BaseModelNotFoundError) as e:  # the checkout
+        locate_base_model({"base_model": f"../{name}"}, "a.safetensors")
+    assert f"hub id '../{name}'" not in str(e.value)
+    assert f"{tmp_path.parent / name} (from the working directory)" in str(e.value)
 
 
 @pytest.mark.parametrize("script", ["infer", "eval"])
