@@ -22,7 +22,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.utils import logging as hf_logging
 
-from cli import DEFAULT_DATA, ROOT, HelpFormatter
+from cli import DEFAULT_DATA, ROOT, HelpFormatter, numbered_dir
 from cli.flags import (
     add_data_location_flags,
     add_debug_flag,
@@ -419,19 +418,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
 
 def choose_output_dir(args: argparse.Namespace, task: str) -> Path:
     """--output-dir; the run folder of an explicit --resume checkpoint; else runs/<task>-lora,
-    numbered if taken (unnumbered with --resume auto)."""
+    numbered past non-empty ones (unnumbered with --resume auto)."""
     if args.output_dir:
         return Path(args.output_dir)
     if args.resume and args.resume != "auto":
         return Path(args.resume).resolve().parent.parent  # <run>/checkpoints/step-NNNNNN
     base = ROOT / "runs" / f"{task}-lora"
-    if args.resume == "auto":
-        return base
-    for n in itertools.count(1):
-        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        if not out.exists():
-            return out
-    raise AssertionError
+    return base if args.resume == "auto" else numbered_dir(base)
 
 
 def find_resume_dir(args: argparse.Namespace, out_dir: Path) -> Path | None:
