@@ -22,6 +22,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -357,8 +358,9 @@ class Run:
     main_rank: bool = True  # the one process that logs and writes files
     world: int = 1
 
-    @property
+    @functools.cached_property
     def params(self) -> list[torch.nn.Parameter]:
+        """The adapter parameters being trained (fixed for the run: collected once)."""
         return self.injection.adapter_parameters("default")
 
     def checkpoint(self, rng: dict[str, Any], sync: bool = True) -> Path:
