@@ -11,8 +11,9 @@ Each adapter predicts with its own settings (task, caption prompt) from its meta
 with --prompt or none. Columns are named after each adapter's run folder
 (runs/caption-lora/adapter.safetensors -> caption-lora), else its file name.
 Prints a table (per metric: base, each adapter, its delta) and writes it as JSON (with each
-adapter's path and sha256) and Markdown, plus report.html (each test image with references and
-every system's output, grouped by right/wrong) and contact_sheet.png, then every path written.
+adapter's path and sha256) and Markdown, plus report.html (the table, then each test query with
+its image, references and every system's output, regressions and failures first) and
+contact_sheet.png (the same order), then every path written.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cli.flags import (
     generation_kwargs,
 )
 from evaluation import caption_scores, exact_match, is_correct, vqa_scores
-from evaluation.report import Row, write_contact_sheet, write_html
+from evaluation.report import Row, score_table, write_contact_sheet, write_html
 from lora.peft_format import WEIGHTS_NAME
 from models.api import Pipeline
 from models.export import sha256_file
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where eval.json, eval.md and the report go; a new or empty folder "
                         "(default: runs/eval, numbered runs/eval-2, ... if taken)")
     g.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write report.html (images embedded) and contact_sheet.png")
+                   help="also write report.html (metrics, then every query grouped: regressions, "
+                        "failures, fixed, correct; images embedded) and contact_sheet.png "
+                        "(the first 60 queries, in that order)")
     add_debug_flag(p)
     return p
 
@@ -131,14 +134,9 @@ def report_rows(task_name: str, units: list, outputs: dict[str, list[str]]) -> l
 
 def markdown(table: dict[str, dict[str, float]]) -> str:
     """Metric rows; a column per system, and a delta column per adapter."""
-    systems = list(table)
-    metrics = list(table["base"])
-    head = ["metric", *systems, *(f"Δ {s}" for s in systems[1:])]
+    head, rows = score_table(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in metrics:
-        row = [f"{table[s][m]:.4f}" for s in systems]
-        row += [f"{table[s][m] - table['base'][m]:+.4f}" for s in systems[1:]]
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if args.report:
         rows = report_rows(pipe.task.name, units, outputs)
         written.append(write_html(rows, out / "report.html",
-                                  f"{Path(eval_file).name}: base vs adapters"))
+                                  f"{Path(eval_file).name}: base vs adapters", table))
         written.append(write_contact_sheet(rows, out / "contact_sheet.png"))
     print(markdown(table), end="")
     print("\nwritten:\n" + "".join(f"  {path}\n" for path in written), end="")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 import eval as evaluate
 import train
+from evaluation.report import Row
 
 
 @pytest.mark.parametrize("task", ["caption", "vqa"])
@@ -34,27 +36,127 @@ def test_eval_table_base_vs_adapter(tmp_path, task):
     delta = table["run"]["exact_match"] - table["base"]["exact_match"]
     assert row.split("|")[-2].strip() == f"{delta:+.4f}"
     page = (tmp_path / "e/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6  # one row per test image / question
+    assert page.count("data:image/png;base64,") == 6  # one per test image
+    summary, *groups = ReportParser(page).tables  # eval.py's scores on top; every query below
+    assert summary[1][-1] == [m := list(table["base"])[-1], f"{table['base'][m]:.4f}",
+                              f"{table['run'][m]:.4f}",
+                              f"{table['run'][m] - table['base'][m]:+.4f}"]
+    assert sum(len(body) - 1 for _, body in groups) == 6
     assert (tmp_path / "e/contact_sheet.png").stat().st_size > 0
 
 
-def test_report_rows_grouped_and_embedded(tmp_path):
-    from PIL import Image
+class ReportParser(HTMLParser):
+    """The parts of report.html a reader sees: h2 headings (id, text), tables (class, rows of
+    cell texts; an image cell holds its CSS classes), and the <style> text."""
 
-    from evaluation.report import GROUPS, Row, write_contact_sheet, write_html
+    def __init__(self, page: str):
+        super().__init__()
+        self.headings, self.tables, self.style = [], [], ""
+        self._where: list[str] = []
+        self.feed(page)
 
-    for i in range(3):
-        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
-    rows = [Row(tmp_path / "0.png", "", ["a red cube"], {"base": ("x", False), "a": ("y", True)}),
-            Row(tmp_path / "1.png", "", ["b"], {"base": ("b", True), "a": ("b", True)}),
-            Row(tmp_path / "2.png", "q?", ["c"], {"base": ("c", True), "a": ("z", False)})]
-    assert [r.group() for r in rows] == list(GROUPS)
-    page = write_html(rows, tmp_path / "r.html", "t <&>").read_text()
-    assert page.count("src='data:image/png;base64,") == 3 and "t &lt;&amp;&gt;" in page
-    assert [page.index(g) for g in GROUPS] == sorted(page.index(g) for g in GROUPS)
-    assert page.count("class='ok'") == 4 and page.count("class='bad'") == 2  # per output
-    sheet = Image.open(write_contact_sheet(rows, tmp_path / "s.png", columns=2, image_px=20))
-    assert sheet.size == (2 * (2 * 20 + 16), 2 * (20 + 12 * 3 + 8))
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self._where.append(tag)
+        if tag == "h2":
+            self.headings.append([attrs.get("id"), ""])
+        elif tag == "table":
+            self.tables.append((attrs.get("class"), []))
+        elif tag == "tr":
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][1][-1].append("")
+        elif tag == "span" and "thumb" in attrs.get("class", ""):
+            self.tables[-1][1][-1][-1] = attrs["class"]
+
+    def handle_endtag(self, tag):
+        self._where.pop()
+
+    def handle_data(self, data):
+        if "style" in self._where:
+            self.style += data
+        elif "h2" in self._where:
+            self.headings[-1][1] += data
+        elif {"td", "th"} & set(self._where):
+            self.tables[-1][1][-1][-1] += data
+
+
+def test_report_groups_summary_and_images_once(tmp_path):
+    """Regressions, failures, fixed, correct in that order with their counts, the metrics table
+    first, and each image's PNG in the page once, however many questions it has."""
+    import base64
+    import io
+    import re
+
+    from evaluation.report import write_html
+
+    colours = {"a": (200, 0, 0), "b": (0, 200, 0), "c": (0, 0, 200)}
+    for name, colour in colours.items():
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{name}.png")
+    Image.new("RGB", (200, 100), "white").save(tmp_path / "wide.png")
+    right, wrong = ("y", True), ("n", False)
+    rows = [  # (image, question, base, adapter x, adapter y): x and y are two adapters
+        ("a", "q1", right, right, right), ("a", "q2", right, right, wrong),
+        ("a", "q3", wrong, wrong, right), ("b", "q4", wrong, right, right),
+        ("b", "q5", right, wrong, wrong), ("c", "q6", wrong, wrong, wrong),
+        ("wide", "q7", right, right, right)]
+    rows = [Row(tmp_path / f"{i}.png", q, ["y"], {"base": b, "x": x, "y": y})
+            for i, q, b, x, y in rows]
+    scores = {"base": {"exact_match": 0.25, "BLEU-1": 0.5}, "x": {"exact_match": 0.75,
+              "BLEU-1": 0.5}, "y": {"exact_match": 0.5, "BLEU-1": 0.125}}
+    page = write_html(rows, tmp_path / "r.html", "t <&>", scores).read_text()
+    parsed = ReportParser(page)
+    assert "<title>t &lt;&amp;&gt;</title>" in page
+
+    # Headings: the summary, then the groups in order, each with its count.
+    ids = [i for i, _ in parsed.headings]
+    assert ids == ["summary", "regressions", "failures", "fixed", "correct"]
+    counts = [int(re.fullmatch(r".*\((\d+)\)", text)[1]) for _, text in parsed.headings[1:]]
+    assert counts == [2, 2, 1, 2]
+    # The summary table comes first: per metric each system, then each adapter minus the base.
+    summary, *groups = parsed.tables
+    assert summary == ("scores", [["metric", "base", "x", "y", "Δ x", "Δ y"],
+                                  ["exact_match", "0.2500", "0.7500", "0.5000", "+0.5000",
+                                   "+0.2500"],
+                                  ["BLEU-1", "0.5000", "0.5000", "0.1250", "+0.0000",
+                                   "-0.3750"]])
+    questions = {cls: [r[1] for r in body[1:]] for cls, body in groups}
+    assert questions == {"regressions": ["q2", "q5"], "failures": ["q3", "q6"],
+                         "fixed": ["q4"], "correct": ["q1", "q7"]}
+    assert groups[0][1][0] == ["image", "query", "reference", "base", "x", "y"]
+    assert groups[0][1][1][3:] == ["✓ y", "✓ y", "✗ n"]
+
+    # Each image's data URI appears once; every row's image class decodes to its own picture.
+    uris = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(uris) == len(set(uris)) == 4
+    css = dict(re.findall(r"\.(i\d+)\{background-image:url\(data:image/png;base64,"
+                          r"([A-Za-z0-9+/=]+)\)\}", parsed.style))
+    image_of = {r.query: r.image for r in rows}
+    for image_cell, question, *_ in (r for _, body in groups for r in body[1:]):
+        shown = Image.open(io.BytesIO(base64.b64decode(css[image_cell.split()[1]])))
+        source = Image.open(image_of[question]).convert("RGB")
+        if source.size == (200, 100):  # shrunk to fit 96 x 96, aspect kept
+            assert shown.size == (96, 48)
+        else:
+            assert shown.mode == "RGB" and shown.tobytes() == source.tobytes()
+
+
+def test_contact_sheet_leads_with_what_went_wrong(tmp_path):
+    """With room for two tiles, the sheet shows the regression and the failure even though they
+    come last among the rows; the size follows the tile layout."""
+    from evaluation.report import write_contact_sheet
+
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
+    verdicts = [(True, True), (False, True), (True, False), (False, False)]
+    rows = [Row(tmp_path / f"{i}.png", "", ["r"], {"base": ("r", b), "a": ("r", a)})
+            for i, (b, a) in enumerate(verdicts)]  # correct, fixed, regression, failure
+    sheet = Image.open(write_contact_sheet(rows, tmp_path / "s.png", columns=2, image_px=20,
+                                           max_rows=2)).convert("RGB")
+    tile_w, tile_h = 2 * 20 + 16, 20 + 12 * 3 + 8
+    assert sheet.size == (2 * tile_w, tile_h)
+    assert [sheet.getpixel((x * tile_w + 14, 14)) for x in range(2)] == [colours[2], colours[3]]
 
 
 def test_train_exact_match_equals_eval_exact_match(tmp_path):
