@@ -124,6 +124,9 @@ def test_report_groups_summary_and_images_once(tmp_path):
     assert questions == {"regressions": ["q2", "q5"], "failures": ["q3", "q6"],
                          "fixed": ["q4"], "correct": ["q1", "q7"]}
     assert groups[0][1][0] == ["image", "query", "reference", "base", "x", "y"]
+    # Without adapters the base alone is judged: a failure or correct.
+    assert [Row(tmp_path / "a.png", "", ["y"], {"base": v}).group() for v in (wrong, right)] \
+        == ["failures", "correct"]
     assert groups[0][1][1][3:] == ["✓ y", "✓ y", "✗ n"]
 
     # Each image's data URI appears once; every row's image class decodes to its own picture.
