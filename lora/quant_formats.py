@@ -36,6 +36,7 @@ not a multiple of 64 that block's near-boundary codes can differ (298 of 8,000 d
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,15 @@ ABSMAX_BLOCK = 256  # double quantization: absmaxes per second-level scale
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127
 
+# (numel, dtype, device) -> a 1-D tensor to write into; dequantization allocates through it so a
+# caller can hand out reused buffers (QuantizedLinear does on CPU).
+Allocator = Callable[[int, torch.dtype, torch.device], torch.Tensor]
+
+
+def fresh_tensor(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The default Allocator: a new uninitialised tensor."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
     """All-zero rows/blocks get scale 1 so they quantize to code 0 instead of NaN."""
@@ -67,9 +77,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in ``dtype``."""
-    return q.to(dtype).mul_(scale.to(dtype)[:, None])  # in place: ~10x faster than q * s on CPU
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                    alloc: Allocator = fresh_tensor) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``, written into ``alloc``'s tensor."""
+    w = alloc(q.numel(), dtype, q.device).view(q.shape).copy_(q)
+    return w.mul_(scale.to(dtype)[:, None])  # in place: ~10x faster than q * s on CPU
 
 
 # --- packing --------------------------------------------------------------------------------
@@ -157,10 +169,14 @@ def nf4_byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return NF4_CODE.to(device=device, dtype=dtype)[unpack_nibbles(every_byte)].view(256, 2)
 
 
-def dequantize_nf4(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight in ``dtype``."""
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype, alloc: Allocator = fresh_tensor
+                   ) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``, written into ``alloc``'s tensor."""
+    device, n = w.packed.device, w.packed.numel()
     # index_select with int32 indices: ~3x faster on CPU than indexing with int64
-    values = nf4_byte_table(w.packed.device, dtype).index_select(0, w.packed.int())
+    index = alloc(n, torch.int32, device).copy_(w.packed)
+    values = alloc(2 * n, dtype, device)
+    torch.index_select(nf4_byte_table(device, dtype), 0, index, out=values.view(n, 2))
     values = values.view(-1, NF4_BLOCK).mul_(nf4_absmax(w).to(dtype)[:, None])
     out, inp = w.shape
     return values.flatten()[: out * inp].view(out, inp)

@@ -3,6 +3,7 @@ move between quantized and full-precision bases, refused merges, checkpointing p
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from lora import (
     inject_lora,
     load_adapter,
     quantize_model,
+    quantized_linear,
     read_metadata,
     save_adapter,
 )
@@ -71,6 +73,33 @@ def test_backward_gives_input_and_bias_grads_and_saves_no_weight(mode):
     F.linear(x2, q.dequantize(), b2).backward(g)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(q.bias.grad, b2.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_shaped_layers_share_one_weight_buffer_and_stay_exact(mode):
+    # Two same-shaped layers in a row dequantize into one reused CPU buffer (forward and
+    # backward); the outputs and input grads must still be those of their own fp32 weights.
+    first = QuantizedLinear(linear(0, 40, 40), mode)
+    second = QuantizedLinear(linear(1, 40, 40), mode)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = second(torch.tanh(first(x)))
+    g = torch.randn_like(y)
+    y.backward(g)
+    w1, w2 = first.dequantize(), second.dequantize()  # fresh tensors, not the buffer
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = F.linear(torch.tanh(F.linear(x2, w1, first.bias)), w2, second.bias)
+    y2.backward(g)
+    assert torch.equal(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    buffer = quantized_linear._matmul_weight(first, torch.float32)
+    assert buffer.data_ptr() == quantized_linear._matmul_weight(second, torch.float32).data_ptr()
+    assert buffer.data_ptr() != first.dequantize().data_ptr()
+    other_thread = []
+    thread = threading.Thread(target=lambda: other_thread.append(
+        quantized_linear._matmul_weight(first, torch.float32).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other_thread[0] != buffer.data_ptr()  # each thread has its own buffers
 
 
 @pytest.mark.parametrize(("mode", "double_quant", "bits"), [
