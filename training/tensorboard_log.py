@@ -40,14 +40,14 @@ def scalar_tag(key: str, step_record: bool) -> str:
 
 
 class TensorBoardLog:
-    """Writes each metrics record's numbers as scalars; ``resume_step`` purges later events."""
+    """Writes each metrics record's numbers as scalars into ``run_dir``/tensorboard."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events at steps >= it written before the checkpoint was resumed.
-        purge = resume_step + 1 if resume_step is not None else None
-        self.writer = SummaryWriter(str(Path(run_dir) / DIRNAME), purge_step=purge)
+        # Events of steps after ``start_step`` (the checkpoint's) that an earlier process wrote
+        # are replayed now: purge_step hides them (a SessionLog.START event TensorBoard reads).
+        self.writer = SummaryWriter(str(Path(run_dir) / DIRNAME), purge_step=start_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         """Add the record's numeric fields (None: a skipped step, an undefined loss: left out)."""
