@@ -6,9 +6,10 @@
 
 The loop reads top to bottom: AdamW over adapter parameters, linear warm-up then cosine decay
 per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA;
-fp32 on CPU unless --precision bf16), a validation loss each epoch, resumable checkpoints, a JSONL
-metrics log. --task vqa trains BLIP VQA (or prompted BLIP-2 VQA) the same way. Under torchrun
-every process trains on its share of each batch (DDP over the adapters), rank 0 alone writes.
+fp32 on CPU unless --precision bf16), a validation loss (and --select-best metric) each epoch,
+resumable checkpoints, a JSONL metrics log (and TensorBoard scalars). --task vqa trains BLIP VQA
+(or prompted BLIP-2 VQA) the same way. Under torchrun every process trains on its share of each
+batch (DDP over the adapters), rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--eval-batch-size", type=int, default=32, help="images per generate call")
     add_generation_flags(g, max_new_tokens=False)  # --num-beams of the report and --select-best
-    g.add_argument("--select-best", choices=sorted(selection.METRICS), default=None,
+    g.add_argument("--select-best", choices=list(selection.METRICS), default=None,
                    help="what picks best.safetensors, computed on the validation split each "
                         "epoch and logged in metrics.jsonl: val_loss (the default, no "
                         "generation), or by generating (--eval-batch-size, --num-beams): "
