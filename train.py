@@ -6,9 +6,10 @@
 
 The loop reads top to bottom: AdamW over adapter parameters, linear warm-up then cosine decay
 per optimizer step, exact gradient accumulation, clipping, autocast (fp16 + GradScaler on CUDA;
-fp32 on CPU unless --precision bf16), a validation loss each epoch, resumable checkpoints, a JSONL
-metrics log. --task vqa trains BLIP VQA (or prompted BLIP-2 VQA) the same way. Under torchrun
-every process trains on its share of each batch (DDP over the adapters), rank 0 alone writes.
+fp32 on CPU unless --precision bf16), a validation loss (and --select-best metric) each epoch,
+resumable checkpoints, a JSONL metrics log (and TensorBoard scalars). --task vqa trains BLIP VQA
+(or prompted BLIP-2 VQA) the same way. Under torchrun every process trains on its share of each
+batch (DDP over the adapters), rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from models.loading import (
     pick_device,
 )
 from models.tasks import Task, TaskDataset, make_task
-from training import distributed
+from training import distributed, selection
 from training.accumulation import steps_per_epoch, windows
 from training.checkpoint import (
     ADAPTER,
@@ -83,6 +84,7 @@ from training.metrics_log import MetricsLog, truncate_to
 from training.run_dir import LOCK_NAME, clean_stale_temporaries, lock_run_dir
 from training.schedule import make_scheduler
 from training.signals import graceful_interrupts
+from training.tensorboard_log import TensorBoardLog, require_tensorboard
 from training.threads import choose_threads
 
 log = logging.getLogger("train")
@@ -90,9 +92,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a resumed run may change: where and how fast it runs, what it reports at the end.
 # Every other flag, and the derived settings below, change the adapters the run ends with and
 # must match the checkpoint's (a flag added later is compared without anyone listing it).
+# --num-beams is compared: --select-best may generate with it to pick best.safetensors.
 MAY_CHANGE_ON_RESUME = frozenset({
     "device", "threads", "num_workers", "output_dir", "resume", "stop_after_steps", "save_every",
-    "keep_checkpoints", "eval_file", "num_beams", "eval_base", "debug"})
+    "keep_checkpoints", "eval_file", "eval_base", "log_to", "debug"})
 DERIVED_SETTINGS = ("amp_dtype", "grad_scaler", "world_size", "train_samples", "val_samples")
 
 
@@ -185,7 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flags(g)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--eval-batch-size", type=int, default=32, help="images per generate call")
-    add_generation_flags(g, max_new_tokens=False)  # --num-beams of the final report
+    add_generation_flags(g, max_new_tokens=False)  # --num-beams of the report and --select-best
+    g.add_argument("--select-best", choices=list(selection.METRICS), default=None,
+                   help="what picks best.safetensors, computed on the validation split each "
+                        "epoch and logged in metrics.jsonl: val_loss (the default, no "
+                        "generation), or by generating (--eval-batch-size, --num-beams): "
+                        "exact_match, cider (CIDEr-D, captions), vqa_acc (VQA accuracy, VQA "
+                        "with 10 answers per question). Higher is better except val_loss; a "
+                        "tie keeps the earlier epoch")
+    g.add_argument("--log-to", choices=["jsonl", "tensorboard"], default="jsonl",
+                   help="tensorboard: also write the train loss, lr and grad norm per step and "
+                        "the validation numbers per epoch as TensorBoard scalars under "
+                        "<output-dir>/tensorboard (needs: pip install tensorboard); "
+                        "metrics.jsonl is always written")
     g.add_argument("--eval-base", action=argparse.BooleanOptionalAction, default=True,
                    help="also report the base model (adapters off) in the final report")
     add_debug_flag(p)
@@ -384,6 +399,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
         logging.getLogger().setLevel(logging.WARNING)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    if args.log_to == "tensorboard":
+        require_tensorboard()  # before minutes of loading and training
     torch.manual_seed(args.seed)
     args.model = args.model or DEFAULT_MODELS["vqa" if args.task == "vqa" else "caption"]
     model, processor, task_name = load_model(  # quantized on the way to the device
@@ -459,6 +476,7 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
         train_samples, val_samples = split_by_image(train_samples, args.val_fraction, args.seed)
     else:
         val_samples = []
+    selection.check_selection(args.select_best, task.name, val_samples)
     train_set = TaskDataset(train_samples, task)
     # Each rank scores every world-th validation sample; validation_loss sums over ranks.
     val_loader = DataLoader(TaskDataset(val_samples[rank::world], task),
@@ -520,7 +538,9 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
              total_steps, f"autocast {amp_dtype}" if amp_dtype else "fp32 (no autocast)")
     return Run(args, device, task, injection, optimizer, scheduler, scaler, adapter_loss,
                train_set, val_loader if val_samples else None, out_dir, config, adapter_meta,
-               amp_dtype, pos, MetricsLog(metrics_path, enabled=distributed.is_main()),
+               amp_dtype, pos, MetricsLog(metrics_path, enabled=distributed.is_main(), mirror=(
+                   TensorBoardLog(out_dir, pos.step)
+                   if args.log_to == "tensorboard" and distributed.is_main() else None)),
                tqdm(total=total_steps, initial=pos.step, desc="train", dynamic_ncols=True,
                     disable=not distributed.is_main()),
                val_samples=val_samples, start_step=pos.step, main_rank=distributed.is_main(),
@@ -654,22 +674,32 @@ def stop_on_non_finite(run: Run, epoch: int, loss: float, grad_norm: float) -> N
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:
-    """Validation loss (best adapter kept), the epoch's record, then the epoch checkpoint.
+    """Validation loss and the --select-best metric (best adapter kept), the epoch's record,
+    then the epoch checkpoint.
 
     The epoch counter moves on only after both, so a run interrupted during validation
     validates that epoch again when resumed."""
     record: dict[str, Any] = {"step": run.pos.step, "epoch": epoch}
     if run.val_loader is not None:
-        val = validation_loss(run.task, run.injection.model, run.val_loader, run.device,
-                              run.amp_dtype)
-        record["val_loss"] = val if math.isfinite(val) else None  # JSON has no NaN
-        if val < run.pos.best_val:  # the same all-reduced value on every rank
+        metric = run.args.select_best or selection.DEFAULT
+        scores = {"val_loss": validation_loss(run.task, run.injection.model, run.val_loader,
+                                              run.device, run.amp_dtype)}
+        if metric != "val_loss":
+            scores[metric] = selection.validation_score(
+                metric, run.task, run.injection.model, run.val_samples, run.args.eval_batch_size,
+                run.args.num_beams, autocast(run.device, run.amp_dtype))
+        record.update({selection.record_key(m): v if math.isfinite(v) else None  # JSON has no NaN
+                       for m, v in scores.items()})
+        # The same value on every rank (all-reduced or all-gathered); a tie keeps the earlier.
+        if (key := selection.selection_key(metric, scores[metric])) < run.pos.best_val:
             if run.main_rank:
+                why = selection.best_metadata(metric, scores[metric], epoch)
                 save_adapter(run.injection, run.out_dir / "best.safetensors",
-                             base_model=run.args.model, extra=run.adapter_meta)
-            run.pos = dataclasses.replace(run.pos, best_val=val)
-        if run.main_rank:
-            log.info("epoch %d: val loss %.4f", epoch, val)  # above the bar (main())
+                             base_model=run.args.model, extra={**run.adapter_meta, **why})
+            run.pos = dataclasses.replace(run.pos, best_val=key)
+        if run.main_rank:  # above the bar (main())
+            log.info("epoch %d: %s", epoch, ", ".join(f"{selection.METRICS[m].title} {v:.4f}"
+                                                      for m, v in scores.items()))
     run.metrics.write(record)
     run.pos = dataclasses.replace(run.pos, epoch=epoch + 1, micro=0)
     run.checkpoint(rng_state())
@@ -743,10 +773,12 @@ def report_exact_match(task: Task, injection: LoRAInjection, args, amp_dtype, de
 
 # What each output of a run is, in the order the end-of-run listing shows them.
 OUTPUTS = {ADAPTER: "the final adapter: use this (infer.py / eval.py --adapter)",
-           "best.safetensors": "the adapter of the epoch with the lowest validation loss",
+           "best.safetensors": "the adapter of the epoch with the best --select-best metric "
+                               "(default: lowest validation loss; its metadata says which)",
            "eval.json": "exact match of the adapter (and the base) and what it was measured on",
            "curves.png": "loss, validation loss and learning rate per step",
            "metrics.jsonl": "one record per optimizer step and per epoch",
+           "tensorboard": "the same numbers for TensorBoard (tensorboard --logdir <this>)",
            "run_config.json": "every setting of the run, versions and git commit",
            "checkpoints": "training state to continue from (--resume auto)"}
 

@@ -106,10 +106,12 @@ class Task:
         return self._predict(images, questions, **generate_kwargs)
 
     def predict_units(self, units: Sequence[tuple[Sample, set[str]]], batch_size: int,
-                      desc: str = "predict", **generate_kwargs: Any) -> list[str]:
+                      desc: str = "predict", show_progress: bool = True,
+                      **generate_kwargs: Any) -> list[str]:
         """One prediction per evaluation unit, ``batch_size`` images per generate call."""
         preds: list[str] = []
-        for i in tqdm(range(0, len(units), batch_size), desc=desc, leave=False):
+        for i in tqdm(range(0, len(units), batch_size), desc=desc, leave=False,
+                      disable=not show_progress):
             chunk = [s for s, _ in units[i : i + batch_size]]
             questions = [s.question for s in chunk] if self.name == "vqa" else None
             preds += self.predict([load_image(s.image) for s in chunk], questions,

@@ -45,7 +45,7 @@ class Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     micro: int = 0  # index of the window's first micro-batch within the epoch
-    best_val: float = float("inf")
+    best_val: float = float("inf")  # --select-best value to beat, as selection_key minimises
 
 
 def _steps(parent: Path) -> list[Path]:
