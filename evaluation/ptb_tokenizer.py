@@ -168,7 +168,7 @@ _RULES = [
     _Rule("(?:&lt;|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00a0]*@(?:[^ \t\n\f\r\"<>|().\u00a0]+\\.)*"
           "[^ \t\n\f\r\"<>|().\u00a0]+(?:&gt;|>)?"),               # e-mail, a@b
     _Rule(REDAUX, _quotes, context="[^A-Za-z]"),                 # 's before "." beats the ` rule
-    _Rule(f"@[a-zA-Z_][a-zA-Z_0-9]*|#(?:{L}|\u00ad)+"),                      # @user #tag
+    _Rule(f"@[a-zA-Z_][a-zA-Z_0-9]*|#(?:{L}|\u00ad)+"),            # @user #tag
     _Rule(REDAUX, _quotes),
     _Rule(f"n{APOS_ANY}t", _quotes),
     _Rule(r"\d{1,2}[-/]\d{1,2}[-/]\d{2,4}"),                     # dates
@@ -229,8 +229,8 @@ _KEPT = re.compile("[" + "".join("-".join(re.escape(chr(int(cp, 16))) for cp in 
                                  for item in _KEPT_SYMBOLS.split()) + "]")
 
 
-# A plain lower-case word before a space is a WORD whatever the other rules say (none of them
-# can match longer there but these): a fast path past the 50-rule loop for most of a caption.
+# A plain lower-case word before a space is one WORD token: no other rule matches longer there
+# (but for the six words split below), so most of a caption skips the 50-rule loop.
 _PLAIN = re.compile("([a-z]+) +|( +)")
 _NOT_PLAIN = frozenset(["cannot", "gonna", "gotta", "wanna", "gimme", "lemme"])
 
@@ -241,7 +241,8 @@ def _lex(text: str) -> list[str]:
     while pos < len(text):
         plain = _PLAIN.match(text, pos)
         if plain and plain.group(1) not in _NOT_PLAIN:
-            tokens.extend(plain.groups()[:1] if plain.group(1) else ())
+            if plain.group(1):
+                tokens.append(plain.group(1))
             pos = plain.end()
             continue
         best, best_len, best_keep = None, 0, 1
