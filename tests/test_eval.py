@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import eval as evaluate
 import train
+from evaluation.caption_metrics import meteor_available
 from evaluation.report import Row
 
 
@@ -27,7 +28,8 @@ def test_eval_table_base_vs_adapter(tmp_path, task):
                            "--out-dir", str(tmp_path / "e")])
     assert list(table) == ["base", "run"]  # the run folder names the column
     expected = ({"exact_match", "token_F1"} if task == "vqa" else
-                {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D", "exact_match"})
+                {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L",
+                 "CIDEr-D", "exact_match"} | ({"METEOR"} if meteor_available() else set()))
     assert set(table["base"]) == expected == set(table["run"])
     saved = json.loads((tmp_path / "e/eval.json").read_text())["scores"]
     assert saved == table
