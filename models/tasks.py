@@ -120,8 +120,9 @@ class Task:
 
     def item(self, sample: Sample,
              image: Image.Image) -> CaptionItem | VQAItem | WeightedVQAItem:
-        """The training item of one sample: (image, caption, source) or (image, question,
-        answer, source); the source names the sample if the collator has to cut its text."""
+        """The training item of one sample: (image, caption, source), (image, question,
+        answer, source), or with weighted VQA targets (image, question, answers, weights,
+        source); the source names the sample if the collator has to cut its text."""
         if self.name == "caption":
             return CaptionItem(image, sample.text, sample.source)
         if self.vqa_targets == "weighted":
