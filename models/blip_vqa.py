@@ -255,7 +255,8 @@ def weighted_vqa_loss_sum(model: BlipForQuestionAnswering, batch: dict[str, torc
                           ignore_index=IGNORE, reduction="none",
                           label_smoothing=label_smoothing).view(targets.shape)
     per_answer = nll.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)  # (A,)
-    # fp32 weights: forward_loss casts float inputs to the base's dtype
+    # train.forward_loss casts float inputs to the base's dtype: with an fp16/bf16 base the
+    # weights arrive rounded to it (0.7 -> 0.6992 in bf16), then are summed in fp32
     return (batch["answer_weight"].float() * per_answer).sum(), weighted_question_count(batch)
 
 
