@@ -32,12 +32,14 @@ from pathlib import Path
 
 from cli import DEFAULT_DATA, ROOT, HelpFormatter, numbered_dir
 from cli.flags import (
+    add_answer_list_flags,
     add_base_flags,
     add_data_location_flags,
     add_debug_flag,
     add_device_flags,
     add_generation_flags,
     add_quantize_flags,
+    answer_list_kwargs,
     generation_kwargs,
 )
 from evaluation import caption_scores, exact_match, is_correct, vqa_scores
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_flags(g)
     g = p.add_argument_group("generation and output")
     add_generation_flags(g)
+    add_answer_list_flags(g)
     g.add_argument("--batch-size", type=int, default=32, help="queries per generate call")
     add_device_flags(g)
     g.add_argument("--out-dir", default=None,
@@ -191,17 +194,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     samples = pipe.task.load_samples(eval_file, image_root=args.image_root,
                                      annotations=args.annotations)[0]
     units = pipe.task.eval_units(samples)
+    ranking = answer_list_kwargs(args, pipe.task)  # {} unless --answer-list
     columns = systems(pipe, args)
     table, outputs = {}, {}
     for column, info in columns.items():
         task = pipe.activate(info.pop("name"))  # this adapter alone, with its own prompt
         outputs[column] = task.predict_units(units, args.batch_size, desc=column,
-                                             **generation_kwargs(args))
+                                             **generation_kwargs(args), **ranking)
         table[column] = score(pipe.task.name, units, outputs[column])
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "eval.json", out / "eval.md"]
     record = {"eval_file": eval_file, "task": pipe.task.name, "base_model": pipe.model_id,
-              "systems": columns, "scores": table}
+              "systems": columns, "scores": table,
+              **({"answer_list": args.answer_list, "answer_top_k": args.answer_top_k}
+                 if ranking else {})}
     written[0].write_text(json.dumps(record, indent=2) + "\n")
     written[1].write_text(markdown(table))
     if args.report:

@@ -33,11 +33,13 @@ from tqdm import tqdm
 
 from cli import HelpFormatter
 from cli.flags import (
+    add_answer_list_flags,
     add_base_flags,
     add_debug_flag,
     add_device_flags,
     add_generation_flags,
     add_quantize_flags,
+    answer_list_kwargs,
     generation_kwargs,
 )
 from data.formats import load_image
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None,
                    help="caption prefix (default: the adapter's training prompt, else none)")
     add_generation_flags(p)
+    add_answer_list_flags(p)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                        "questions (task vqa): pass --question \"...\" (repeatable) to ask it "
                        "about every image")
     gen = dict(**generation_kwargs(args), do_sample=args.do_sample, top_p=args.top_p,
-               temperature=args.temperature)
+               temperature=args.temperature, **answer_list_kwargs(args, pipe.task))
     # One query per (image, question) pair, or per image when captioning.
     queries = [(p, q) for p in images for q in (args.question or [None])]
     results = []

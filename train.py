@@ -49,6 +49,7 @@ from cli.flags import (
     add_quantize_flags,
 )
 from data.dataset import split_by_image
+from data.vqa_targets import TARGET_MODES
 from evaluation import is_correct
 from evaluation.curves import plot_curves
 from lora import (
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tokens of prompt + caption (VQA: of the question, and of the "
                         "answer); longer texts are cut with a warning naming their file and line "
                         "(default: 64, or the model's limit if lower)")
+    g.add_argument("--vqa-targets", choices=TARGET_MODES, default="auto",
+                   help="VQA: train on each question's majority answer, or (weighted, BLIP's "
+                        "protocol) on each of its answers weighted by the share of annotators "
+                        "who gave it (default: auto, weighted when questions have VQA v2's 10 "
+                        "answers; BLIP-2 always majority)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=int, default=16, help="adapter rank")
     g.add_argument("--alpha", type=float, default=32.0, help="scale numerator: delta × alpha/r")
@@ -470,6 +476,7 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
     # Data: samples -> seeded train/val split -> datasets (the order is ours, per epoch).
     train_samples = load_samples(task, args.train_file, args)
+    args.vqa_targets_used = task.choose_vqa_targets(args.vqa_targets, train_samples)
     if args.val_file:
         val_samples = load_samples(task, args.val_file, args)
     elif args.val_fraction > 0:

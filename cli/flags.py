@@ -11,8 +11,15 @@ are.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
+from data.answer_list import read_answer_list
 from lora import QUANT_MODES
+from models.answer_ranking import DEFAULT_TOP_K
+from training.errors import RunError
+
+if TYPE_CHECKING:
+    from models.tasks import Task
 
 # argparse's parser and its argument groups both take add_argument.
 Group = argparse.ArgumentParser | argparse._ArgumentGroup
@@ -83,3 +90,35 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, int]:
     """num_beams, and max_new_tokens only when given: each task keeps its own default."""
     given = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
     return {"num_beams": args.num_beams, **given}
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_answer_list_flags(g: Group) -> None:
+    """--answer-list and --answer-top-k: BLIP VQA answers ranked from a candidate list."""
+    g.add_argument("--answer-list", default=None, metavar="FILE",
+                   help="BLIP VQA: answer with one of these candidates instead of generating "
+                        "freely (a .json list of strings, or one answer per line), by BLIP's "
+                        "rank decoding: the --answer-top-k candidates whose first token is most "
+                        "likely are scored by their whole log-likelihood and the best is the "
+                        "answer (--num-beams and --max-new-tokens then do not apply)")
+    g.add_argument("--answer-top-k", type=positive_int, default=DEFAULT_TOP_K,
+                   help="with --answer-list: candidates scored in full per question (BLIP's "
+                        "k_test; the whole list when it is shorter: exact argmax)")
+
+
+def answer_list_kwargs(args: argparse.Namespace, task: Task) -> dict[str, Any]:
+    """answer_list / answer_top_k for ``task``'s predict when --answer-list is given (the file
+    read and checked); a RunError where the task does not rank answers."""
+    if args.answer_list is None:
+        return {}
+    if (task.family, task.name) != ("blip", "vqa"):
+        raise RunError(f"--answer-list ranks BLIP VQA answers; this is {task.family} "
+                       f"{task.name}")
+    return {"answer_list": read_answer_list(args.answer_list), "answer_top_k": args.answer_top_k}

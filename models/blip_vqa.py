@@ -8,12 +8,12 @@ paths are written out here with the question mask applied consistently.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
@@ -97,10 +97,25 @@ class VQAItem(NamedTuple):
     source: str | None = None
 
 
+class WeightedVQAItem(NamedTuple):
+    """One training question with every answer it trains on and their weights
+    (data/vqa_targets.answer_weights)."""
+
+    image: Image.Image
+    question: str
+    answers: tuple[str, ...]
+    weights: tuple[float, ...]
+    source: str | None = None
+
+
 @dataclass
 class VQACollator:
-    """(PIL image, question, answer[, source]) items -> question inputs + answer ids and labels.
+    """Items -> question inputs + answer ids and labels.
 
+    VQAItem (or plain (image, question, answer) triples): one answer row per question.
+    WeightedVQAItem: one answer row per (question, answer), plus ``answer_question`` (A,), the
+    question each row answers, and ``answer_weight`` (A,); the question is encoded once and
+    its states repeated per answer in the loss (weighted_vqa_loss_sum), as BLIP does.
     Questions and answers are each cut to ``max_length`` tokens (the text encoder and decoder
     each have that many positions at most); a cut answer's kept tokens are learned, its [SEP]
     is not.
@@ -112,33 +127,74 @@ class VQACollator:
     truncations: TruncationLog = field(default_factory=TruncationLog)
 
     def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        items = [VQAItem(*it) for it in items]  # plain (image, question, answer) triples too
+        weighted = {isinstance(it, WeightedVQAItem) for it in items}
+        if len(weighted) > 1:
+            raise ValueError("a VQA batch mixes weighted and single-answer items")
+        if weighted == {True}:
+            text = self.weighted_text([it.question for it in items], [it.answers for it in items],
+                                      [it.weights for it in items], [it.source for it in items])
+        else:
+            items = [VQAItem(*it) for it in items]  # plain (image, question, answer) triples too
+            text = self.text([it.question for it in items], [it.answer for it in items],
+                             [it.source for it in items])
         pixels = self.processor.image_processor(images=[it.image for it in items],
                                                 return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"],
-                **self.text([it.question for it in items], [it.answer for it in items],
-                            [it.source for it in items])}
+        return {"pixel_values": pixels["pixel_values"], **text}
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.processor.tokenizer(list(texts), padding="longest", truncation=True,
+                                        max_length=self.max_length, return_tensors="pt")
+
+    def answer_tensors(self, answers: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        """({answer_ids (from bos), answer_mask, labels}, which answers were cut)."""
+        ans = self._tokenize(answers)
+        answer_ids = ans["input_ids"].clone()
+        answer_ids[:, 0] = self.bos_token_id
+        labels = answer_ids.masked_fill(ans["attention_mask"] == 0, IGNORE)
+        cut = cut_rows(self.processor.tokenizer, answers, ans["attention_mask"].sum(1),
+                       self.max_length)
+        mask_cut_ends(labels, ans["attention_mask"], cut, IGNORE)
+        return {"answer_ids": answer_ids, "answer_mask": ans["attention_mask"],
+                "labels": labels}, cut
+
+    def _questions(self, questions: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+        enc = self._tokenize(questions)
+        cut = cut_rows(self.processor.tokenizer, questions, enc["attention_mask"].sum(1),
+                       self.max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, cut
+
+    def _report(self, questions: Sequence[str], cut_q: Sequence[bool], cut_a: Sequence[bool],
+                sources: Sequence[str | None] | None) -> None:
+        for i, (q, a) in enumerate(zip(cut_q, cut_a, strict=True)):
+            parts = [f"{name} to {self.max_length} tokens"
+                     for name, c in (("question", q), ("answer", a)) if c]
+            self.truncations.report(sources[i] if sources else None, parts, questions[i])
 
     def text(self, questions: Sequence[str], answers: Sequence[str],
              sources: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
         """The batch without its images: question inputs, answer ids (from bos) and labels;
         ``sources`` name the samples in truncation warnings."""
-        tokenize = functools.partial(self.processor.tokenizer, padding="longest", truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-        enc, ans = tokenize(list(questions)), tokenize(list(answers))
-        answer_ids = ans["input_ids"].clone()
-        answer_ids[:, 0] = self.bos_token_id
-        labels = answer_ids.masked_fill(ans["attention_mask"] == 0, IGNORE)
-        tok = self.processor.tokenizer
-        cut_q = cut_rows(tok, questions, enc["attention_mask"].sum(1), self.max_length)
-        cut_a = cut_rows(tok, answers, ans["attention_mask"].sum(1), self.max_length)
-        mask_cut_ends(labels, ans["attention_mask"], cut_a, IGNORE)
-        for i, (q, a) in enumerate(zip(cut_q, cut_a, strict=True)):
-            parts = [f"{name} to {self.max_length} tokens"
-                     for name, c in (("question", q), ("answer", a)) if c]
-            self.truncations.report(sources[i] if sources else None, parts, questions[i])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "answer_ids": answer_ids, "answer_mask": ans["attention_mask"], "labels": labels}
+        enc, cut_q = self._questions(questions)
+        ans, cut_a = self.answer_tensors(answers)
+        self._report(questions, cut_q, cut_a, sources)
+        return {**enc, **ans}
+
+    def weighted_text(self, questions: Sequence[str], answers: Sequence[Sequence[str]],
+                      weights: Sequence[Sequence[float]],
+                      sources: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """As ``text`` with several weighted answers per question: answer rows (A, Ta) in
+        question order, ``answer_question`` (A,) and ``answer_weight`` (A,)."""
+        if any(len(a) != len(w) or not a for a, w in zip(answers, weights, strict=True)):
+            raise ValueError("each question needs one weight per answer, and an answer")
+        enc, cut_q = self._questions(questions)
+        ans, cut = self.answer_tensors([a for row in answers for a in row])
+        index = [i for i, row in enumerate(answers) for _ in row]
+        cut_a = [any(c for c, i in zip(cut, index, strict=True) if i == q)
+                 for q in range(len(questions))]
+        self._report(questions, cut_q, cut_a, sources)
+        return {**enc, **ans, "answer_question": torch.tensor(index),
+                "answer_weight": torch.tensor([w for row in weights for w in row],
+                                              dtype=torch.float32)}
 
 
 def encode_question(model: BlipForQuestionAnswering, pixel_values: torch.Tensor,
@@ -171,8 +227,55 @@ def answer_logits(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor
 
 def vqa_loss_sum(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor],
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """(summed answer-token cross-entropy, answer-token count)."""
+    """(summed answer-token cross-entropy, answer-token count); a weighted batch (one with
+    ``answer_weight``) gives weighted_vqa_loss_sum's (loss, question count) instead."""
+    if "answer_weight" in batch:
+        return weighted_vqa_loss_sum(model, batch, label_smoothing)
     return token_loss_sum(answer_logits(model, batch), batch["labels"], label_smoothing)
+
+
+def weighted_vqa_loss_sum(model: BlipForQuestionAnswering, batch: dict[str, torch.Tensor],
+                          label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """(sum over answer rows of weight x the answer's mean token cross-entropy, number of
+    questions with a target token): divided, the weighted loss per question.
+
+    BLIP's loss is sum_a w_a * NLL_a / batch size with NLL_a summed over the answer's tokens;
+    here NLL_a is the mean over its tokens, so a long answer does not outweigh a short one of
+    the same weight, and a one-answer question's loss is its answer's token-mean loss. An answer
+    with no target token (cut to nothing) adds 0.
+    """
+    question = encode_question(model, batch["pixel_values"], batch["input_ids"],
+                               batch["attention_mask"], batch.get("image_index"))  # (B, Tq, H)
+    rows = batch["answer_question"]  # (A,): the question states repeated per answer
+    logits = model.text_decoder(input_ids=batch["answer_ids"], attention_mask=batch["answer_mask"],
+                                encoder_hidden_states=question[rows],
+                                encoder_attention_mask=batch["attention_mask"][rows]).logits
+    targets = batch["labels"][:, 1:]  # (A, Ta - 1): logits[:, t] predicts labels[:, t + 1]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                          ignore_index=IGNORE, reduction="none",
+                          label_smoothing=label_smoothing).view(targets.shape)
+    per_answer = nll.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)  # (A,)
+    # train.forward_loss casts float inputs to the base's dtype: with an fp16/bf16 base the
+    # weights arrive rounded to it (0.7 -> 0.6992 in bf16), then are summed in fp32
+    return (batch["answer_weight"].float() * per_answer).sum(), weighted_question_count(batch)
+
+
+def weighted_question_count(batch: dict[str, torch.Tensor]) -> int:
+    """Questions of a weighted batch with at least one target token: the loss's denominator
+    (known before the forward pass)."""
+    learnable = (batch["labels"][:, 1:] != IGNORE).any(1)  # (A,)
+    return int(batch["answer_question"][learnable].unique().numel())
+
+
+def question_states(model: BlipForQuestionAnswering, processor: BlipProcessor,
+                    images: Sequence[Image.Image],
+                    questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(question states (B, Tq, H), question mask (B, Tq)) of (image, question) pairs."""
+    device = next(model.parameters()).device
+    enc = processor(images=list(images), text=list(questions), padding="longest",
+                    return_tensors="pt").to(device)
+    return encode_question(model, enc["pixel_values"].to(model.dtype), enc["input_ids"],
+                           enc["attention_mask"]), enc["attention_mask"]
 
 
 @torch.no_grad()
@@ -181,18 +284,14 @@ def vqa_generate(model: BlipForQuestionAnswering, processor: BlipProcessor,
                  max_new_tokens: int = 10, num_beams: int = 1, do_sample: bool = False,
                  top_p: float = 1.0, temperature: float = 1.0, **kw) -> list[str]:
     """One answer per (image, question) pair; the decoder's start token (bos) is cut off."""
-    device = next(model.parameters()).device
-    enc = processor(images=list(images), text=list(questions), padding="longest",
-                    return_tensors="pt").to(device)
-    question = encode_question(model, enc["pixel_values"].to(model.dtype), enc["input_ids"],
-                               enc["attention_mask"])
+    question, mask = question_states(model, processor, images, questions)
     cfg = model.config.text_config
-    start = torch.full((len(images), 1), cfg.bos_token_id, device=device)
+    start = torch.full((len(images), 1), cfg.bos_token_id, device=question.device)
     # Sampling settings only when sampling: generate warns about them otherwise.
     sampling = dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else {}
     out = model.text_decoder.generate(
         input_ids=start, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
-        encoder_hidden_states=question, encoder_attention_mask=enc["attention_mask"],
+        encoder_hidden_states=question, encoder_attention_mask=mask,
         max_new_tokens=max_new_tokens, num_beams=num_beams, **sampling, **kw)
     out = out[:, start.shape[1]:]  # (B, new tokens)
     return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]

@@ -7,8 +7,8 @@ this interface, so captioning, VQA and BLIP-2 share one loop.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,9 @@ from transformers import PreTrainedModel
 
 from data.formats import CaptionSample, DataFormatError, load_caption_samples, load_image
 from data.vqa_formats import VQASample, load_vqa_samples
+from data.vqa_targets import answer_weights, majority_answer, resolve_targets
 
+from .answer_ranking import DEFAULT_TOP_K, rank_vqa, tokenize_candidates
 from .blip2 import (
     Blip2Collator,
     Blip2Item,
@@ -31,7 +33,14 @@ from .blip2 import (
     is_encoder_decoder,
     max_sequence_length,
 )
-from .blip_vqa import VQACollator, VQAItem, vqa_generate, vqa_loss_sum
+from .blip_vqa import (
+    VQACollator,
+    VQAItem,
+    WeightedVQAItem,
+    vqa_generate,
+    vqa_loss_sum,
+    weighted_question_count,
+)
 from .captioning import CaptionCollator, CaptionItem, fit_new_tokens, generate_captions
 from .loss import count_targets, token_loss_sum
 from .prompts import BLIP2_VQA_PROMPT
@@ -40,11 +49,6 @@ from .truncation import TruncationLog
 log = logging.getLogger(__name__)
 Sample = CaptionSample | VQASample
 DEFAULT_MAX_LENGTH = 64  # tokens per training text when the caller names no limit
-
-
-def majority_answer(answers: Sequence[str]) -> str:
-    """The most frequent answer (first seen wins ties): the VQA training target."""
-    return Counter(answers).most_common(1)[0][0]
 
 
 def model_max_length(model: PreTrainedModel) -> int | None:
@@ -71,10 +75,33 @@ class Task:
     shifted_labels: bool = True  # logits[:, t] predicts labels[:, t + 1] (all but BLIP-2 T5)
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per text the collator keeps (see make_task)
     truncations: TruncationLog | None = None  # the collator's: samples it cut, counted
+    vqa_targets: str = "majority"  # "weighted": every answer, by its share (choose_vqa_targets)
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        """Target tokens in a batch, the denominator of exact accumulation."""
+        """Target tokens in a batch (questions in a weighted VQA batch, whose loss is a mean
+        per question), the denominator of exact accumulation."""
+        if "answer_weight" in batch:
+            return weighted_question_count(batch)
         return count_targets(batch["labels"], self.shifted_labels)
+
+    def choose_vqa_targets(self, mode: str, samples: Sequence[Sample]) -> str:
+        """Train VQA on each question's majority answer or on all its answers weighted by
+        their share (data/vqa_targets.py); ``mode`` "auto" picks weighted where ``samples``
+        have VQA v2's 10 answers. Returns the mode used; only BLIP VQA trains weighted."""
+        if self.name != "vqa":
+            if mode != "auto":
+                raise DataFormatError(f"--vqa-targets {mode} applies to VQA (--task vqa), not "
+                                      "captions")
+            return "none"
+        used = resolve_targets(mode, samples)
+        if used == "weighted" and self.family != "blip":
+            if mode == "weighted":
+                raise DataFormatError("--vqa-targets weighted: BLIP-2 trains on the majority "
+                                      "answer only (weighted targets are BLIP VQA's protocol)")
+            used = "majority"
+        log.info("VQA targets: %s%s", "auto -> " if mode == "auto" else "", used)
+        self.vqa_targets = used
+        return used
 
     def load_samples(self, path: str | Path, skip_bad_samples: bool = False,
                      image_root: str | Path | None = None,
@@ -91,11 +118,16 @@ class Task:
         return load_vqa_samples(path, skip_bad_samples=skip_bad_samples, image_root=image_root,
                                 annotations=annotations)
 
-    def item(self, sample: Sample, image: Image.Image) -> CaptionItem | VQAItem:
-        """The training item of one sample: (image, caption, source) or (image, question,
-        answer, source); the source names the sample if the collator has to cut its text."""
+    def item(self, sample: Sample,
+             image: Image.Image) -> CaptionItem | VQAItem | WeightedVQAItem:
+        """The training item of one sample: (image, caption, source), (image, question,
+        answer, source), or with weighted VQA targets (image, question, answers, weights,
+        source); the source names the sample if the collator has to cut its text."""
         if self.name == "caption":
             return CaptionItem(image, sample.text, sample.source)
+        if self.vqa_targets == "weighted":
+            return WeightedVQAItem(image, sample.question, *answer_weights(sample.answers),
+                                   sample.source)
         return VQAItem(image, sample.question, majority_answer(sample.answers), sample.source)
 
     def predict(self, images: Sequence[Image.Image], questions: Sequence[str] | None = None,
@@ -103,6 +135,10 @@ class Task:
         """Captions for ``images``, or answers to one question per image."""
         if (self.name == "vqa") != (questions is not None):
             raise ValueError(f"task {self.name!r}: questions must be given exactly for VQA")
+        if generate_kwargs.get("answer_list") is not None and (self.family, self.name) != (
+                "blip", "vqa"):
+            raise ValueError("an answer list ranks BLIP VQA answers: it does not apply to "
+                             f"{self.family} {self.name}")
         return self._predict(images, questions, **generate_kwargs)
 
     def predict_units(self, units: Sequence[tuple[Sample, set[str]]], batch_size: int,
@@ -206,11 +242,18 @@ def make_task(model: PreTrainedModel, processor: Any, task: str, prompt: str = "
         collator = VQACollator(processor, bos, max_length)
         positions = model.config.text_config.max_position_embeddings
 
-        def answer(images, qs, max_new_tokens: int = 10, **kw) -> list[str]:
+        candidates = functools.lru_cache(maxsize=1)(functools.partial(
+            tokenize_candidates, VQACollator(processor, bos, positions)))
+
+        def answer(images, qs, max_new_tokens: int = 10, answer_list: Sequence[str] | None = None,
+                   answer_top_k: int = DEFAULT_TOP_K, **kw) -> list[str]:
             # Questions and answers each get the text model's positions (bos starts an answer).
+            qs = fit_questions(processor.tokenizer, qs, positions)
+            if answer_list is not None:  # rank the list's answers instead of generating
+                return rank_vqa(model, processor, images, qs, candidates(tuple(answer_list)),
+                                answer_top_k)
             new = fit_new_tokens(model, 1, max_new_tokens, "the answer's start token")
-            return vqa_generate(model, processor, images, fit_questions(
-                processor.tokenizer, qs, positions), max_new_tokens=new, **kw)
+            return vqa_generate(model, processor, images, qs, max_new_tokens=new, **kw)
 
         return Task(task, family, collator, vqa_loss_sum, answer, max_length=max_length,
                     truncations=collator.truncations)
