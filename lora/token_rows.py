@@ -13,7 +13,7 @@ share the weight keeps its rows, as in PEFT, which ties the head only when the w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,12 @@ class TokenRows(nn.Module):
             weight[self.ids] = (weight[self.ids].float() - self.delta).to(weight.dtype)
         self._merged = None
 
+    def base_rows(self, model: nn.Module) -> torch.Tensor:
+        """(k, dim) fp32 rows W[ids] without this delta (PEFT saves W[ids] + delta)."""
+        if self._merged is not None:
+            return self._merged[0].float()
+        return model.get_submodule(self.embedding).weight[self.ids].detach().float()
+
     def extra_repr(self) -> str:
         return f"embedding={self.embedding}, rows={len(self.ids)}, dim={self.dim}"
 
@@ -164,3 +170,26 @@ def target_token_ids(label_batches: Iterable[torch.Tensor]) -> list[int]:
     for labels in label_batches:
         seen.update(labels[labels != -100].unique().tolist())
     return sorted(seen)
+
+
+def resolve_trainable_tokens(spec: str, tokenizer: object,
+                             target_labels: Callable[[], Iterable[torch.Tensor]]
+                             ) -> tuple[int, ...]:
+    """``--trainable-tokens`` as sorted ids: ``auto`` = every id in the training targets
+    (``target_labels()`` yields label tensors), else parse_token_spec's ids and tokens."""
+    ids = target_token_ids(target_labels()) if spec == "auto" else parse_token_spec(spec, tokenizer)
+    if not ids:
+        raise ValueError(f"--trainable-tokens {spec!r} names no token")
+    return tuple(sorted(set(ids)))  # the range is checked against the embedding (TokenRows)
+
+
+def task_target_labels(task: object, samples: Sequence[object],
+                       batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """The label tensors the training collator makes of ``samples``; a 1-pixel placeholder
+    stands in for each image (labels come from the text alone), so no image is read."""
+    from PIL import Image  # only here: the rest of lora/ needs no imaging
+
+    blank = Image.new("RGB", (1, 1))
+    for i in range(0, len(samples), batch_size):
+        items = [task.item(s, blank) for s in samples[i:i + batch_size]]  # type: ignore[attr-defined]
+        yield task.collate(items)["labels"]  # type: ignore[attr-defined]
