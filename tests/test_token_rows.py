@@ -5,14 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_blip, tiny_blip_vqa
+from real_tokenizers import bert_tokenizer, real_model
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_runs import train_args, write_tiny_run
+from transformers import BertTokenizer
 
+import infer
+import train
 from lora import AdapterFileError, LoRAConfig, inject_lora, load_adapter, load_peft, save_adapter
 from lora.peft_format import save_peft
 from lora.token_rows import parse_token_spec, target_token_ids, task_target_labels
-from tests.conftest import tiny_blip
-from tests.real_tokenizers import bert_tokenizer, real_model
 
 EMB = "text_decoder.bert.embeddings.word_embeddings"
 HEAD = "text_decoder.cls.predictions.decoder"
@@ -229,6 +233,25 @@ def test_blip2_rows_follow_every_module_sharing_the_embedding(family):
     assert torch.allclose(model(**inputs).logits, reference(**inputs).logits, atol=1e-4)
 
 
+def test_blip_vqa_trains_the_answer_decoder_rows_and_leaves_the_question_encoder_alone():
+    from models.blip_vqa import answer_logits
+
+    model = tiny_blip_vqa()
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+             "input_ids": torch.tensor([[1, 5, 9, 17], [1, 9, 9, 2]]),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "answer_ids": torch.tensor([[1, 17, 5, 2], [1, 9, 2, 0]]),
+             "answer_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    reference = copy.deepcopy(model)
+    _, rows = with_rows(model)
+    assert rows.embedding == EMB  # the decoder's, tied to its head; not text_encoder's
+    with torch.no_grad():
+        reference.get_submodule(EMB).weight[list(IDS)] += rows.delta
+        assert torch.allclose(answer_logits(model, batch), answer_logits(reference, batch),
+                              atol=1e-5)
+
+
 def test_token_spec_names_ids_and_vocabulary_tokens():
     tok = bert_tokenizer()
     red, sep = tok.convert_tokens_to_ids(["red", "[SEP]"])
@@ -252,3 +275,23 @@ def test_auto_takes_exactly_the_ids_of_the_training_targets():
 
     batches = list(task_target_labels(Task(), [[4, 2], [8, 1], [4, 4]], batch_size=2))
     assert [b.tolist() for b in batches] == [[[-100, 4, 2], [-100, 8, 1]], [[-100, 4, 4]]]
+
+
+def test_train_auto_rows_are_the_target_words_and_infer_uses_them(tmp_path):
+    setup = write_tiny_run(tmp_path)
+    adapter = train.main(train_args(setup, tmp_path / "run", "--epochs", "2", "--lr", "1e-2",
+                                    "--trainable-tokens", "auto"))
+    with safe_open(str(adapter), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+        delta = f.get_tensor(f"{EMB}.token_rows.delta")
+    tok = BertTokenizer.from_pretrained(str(setup[0]))
+    # Captions are "a <colour> cube" (every colour in the training split) + [SEP] to end them.
+    words = ["a", "red", "green", "blue", "cube", "[SEP]"]
+    assert config["trainable_tokens"] == sorted(tok.convert_tokens_to_ids(words))
+    assert delta.shape == (6, 32) and delta.abs().min(dim=1).values.gt(0).all()  # all trained
+    images = sorted(str(p) for p in setup[1].parent.glob("*.png"))[:3]
+    hooked = infer.main([*images, "--adapter", str(adapter)])
+    merged = infer.main([*images, "--adapter", str(adapter), "--merge"])
+    assert hooked == merged
+    with pytest.raises(SystemExit, match="not one token of this vocabulary"):
+        train.main(train_args(setup, tmp_path / "bad", "--trainable-tokens", "redcube"))
