@@ -52,7 +52,7 @@ def resolve_spec(model: nn.Module, config: LoRAConfig) -> AdapterSpec:
 
 
 class AdapterSet(nn.Module):
-    """The LoRALinear layers of one named adapter, keyed by module path."""
+    """The LoRALinear layers of one named adapter, keyed by module path (and its token rows)."""
 
     def __init__(self, config: LoRAConfig, layers: dict[str, LoRALinear]) -> None:
         super().__init__()

@@ -295,3 +295,16 @@ def test_train_auto_rows_are_the_target_words_and_infer_uses_them(tmp_path):
     assert hooked == merged
     with pytest.raises(SystemExit, match="not one token of this vocabulary"):
         train.main(train_args(setup, tmp_path / "bad", "--trainable-tokens", "redcube"))
+
+
+def test_a_resumed_run_trains_the_same_rows_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+
+    setup = write_tiny_run(tmp_path)
+    flags = ("--epochs", "2", "--trainable-tokens", "auto")
+    full = load_file(train.main(train_args(setup, tmp_path / "a", *flags)))
+    train.main(train_args(setup, tmp_path / "b", *flags, "--stop-after-steps", "3"))
+    resumed = load_file(train.main(train_args(setup, tmp_path / "b", *flags, "--resume", "auto")))
+    key = f"{EMB}.token_rows.delta"
+    assert key in full and full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
