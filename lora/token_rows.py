@@ -147,7 +147,9 @@ class TokenRows(nn.Module):
 
 def parse_token_spec(spec: str, tokenizer: object) -> list[int]:
     """Ids of ``--trainable-tokens`` entries: comma-separated ids (101) or vocabulary tokens
-    (red, ##s, Ġred); ValueError naming an entry the vocabulary lacks."""
+    (red, ##s, Ġred); an all-digit entry is an id. ValueError naming an entry the vocabulary
+    lacks."""
+    vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
     ids = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -155,7 +157,6 @@ def parse_token_spec(spec: str, tokenizer: object) -> list[int]:
         if entry.isdigit():
             ids.append(int(entry))
             continue
-        vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
         if entry not in vocab:
             pieces = tokenizer.tokenize(entry)  # type: ignore[attr-defined]
             raise ValueError(f"--trainable-tokens: {entry!r} is not one token of this "
