@@ -61,6 +61,7 @@ from lora import (
 )
 from lora.adapter_file import library_versions
 from lora.targets import model_family, resolve_targets, select_targets
+from lora.token_rows import resolve_trainable_tokens, task_target_labels
 from models.base_model import base_model_metadata
 from models.loading import (
     DEFAULT_MODELS,
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank override for Linears a pattern matches (repeatable)")
     g.add_argument("--alpha-pattern", action="append", default=[], metavar="PATTERN=ALPHA",
                    help="alpha override for Linears a pattern matches (repeatable)")
+    g.add_argument("--trainable-tokens", default=None, metavar="auto|IDS|TOKENS",
+                   help="also train these rows of the token embedding (and of the LM head tied "
+                        "to it; only those rows are saved): 'auto' = every token of the "
+                        "training targets, or a comma list of ids (101,2023) and vocabulary "
+                        "tokens (red,##s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="passes over the training data")
     g.add_argument("--batch-size", type=int, default=16,
@@ -432,7 +438,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Path:
                 log.info("removed %s, left by an interrupted write", path)
         resume_dir = find_resume_dir(args, out_dir)
         distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
-        state = build_run(args, device, model, task, out_dir, resume_dir)
+        state = build_run(args, device, model, task, out_dir, resume_dir, processor.tokenizer)
         stack.callback(state.metrics.close)
         stack.callback(state.bar.close)
         stopped = train_epochs(state)
@@ -470,7 +476,7 @@ def find_resume_dir(args: argparse.Namespace, out_dir: Path) -> Path | None:
 
 
 def build_run(args: argparse.Namespace, device: torch.device, model, task: Task, out_dir: Path,
-              resume_dir: Path | None) -> Run:
+              resume_dir: Path | None, tokenizer: Any = None) -> Run:
     """Data, adapters (fresh or resumed), optimizer, schedule and logs of a run."""
     rank, world = distributed.rank_and_world()
     amp_dtype, use_scaler = resolve_precision(args.precision, device)
@@ -494,7 +500,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     args.targets = ",".join(targets)  # the presets used, recorded and compared on resume
     lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
                           targets=targets, rank_pattern=parse_patterns(args.rank_pattern, int),
-                          alpha_pattern=parse_patterns(args.alpha_pattern, float))
+                          alpha_pattern=parse_patterns(args.alpha_pattern, float),
+                          trainable_tokens=trainable_tokens(args, task, train_samples, tokenizer))
     # A damaged checkpoint fails here, in load_state, before the model changes.
     state, pos = load_state(resume_dir) if resume_dir else (None, Position())
     if resume_dir:
@@ -552,6 +559,21 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
                     disable=not distributed.is_main()),
                val_samples=val_samples, start_step=pos.step, main_rank=distributed.is_main(),
                world=world)
+
+
+def trainable_tokens(args: argparse.Namespace, task: Task, samples: list,
+                     tokenizer: Any) -> tuple[int, ...]:
+    """--trainable-tokens as token ids (none without the flag), logged."""
+    if not args.trainable_tokens:
+        return ()
+    try:
+        ids = resolve_trainable_tokens(args.trainable_tokens, tokenizer,
+                                       lambda: task_target_labels(task, samples))
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    log.info("trainable token rows: %d (%s)", len(ids), " ".join(
+        tokenizer.convert_ids_to_tokens(list(ids[:40]))) + (" ..." if len(ids) > 40 else ""))
+    return ids
 
 
 def resolve_lora_targets(flag: str, model: torch.nn.Module) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Adapter files: safetensors with only adapter tensors, their settings in the metadata.
 
 Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r),
-fp32. Metadata (all strings, as safetensors requires):
+fp32; with trainable token rows also ``<embedding path>.token_rows.delta`` (k, dim), the ids in
+the config's ``trainable_tokens``. Metadata (all strings, as safetensors requires):
   format="pt", lora_vlm_format=FORMAT_VERSION, config (LoRAConfig JSON), modules (JSON
   {path: [r, alpha]}), base_model, base_fingerprint, versions (JSON), plus caller extras.
 Loading checks everything before it touches the model, so a bad file changes nothing: the
@@ -29,6 +30,8 @@ from .config import LoRAConfig, check_alpha, check_rank
 from .injection import AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
 from .targets import linear_modules
+from .token_rows import KEY as TOKEN_ROWS_KEY
+from .token_rows import check_token_ids, token_embedding
 
 FORMAT_VERSION = "1"
 log = logging.getLogger(__name__)
@@ -105,14 +108,17 @@ def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor
     """The adapter's tensors under their file keys, contiguous fp32 copies; all finite, or
     NonFiniteAdapterError naming the first tensor that is not (such a file loads nowhere)."""
     state = {}
-    for path, layer in injection._get(name).items():
-        for ab, param in (("A", layer.A), ("B", layer.B)):
-            key = f"{path}.lora_{ab}.weight"
-            if not torch.isfinite(param).all():
-                raise NonFiniteAdapterError(
-                    f"adapter {name!r}: {key} holds {int((~torch.isfinite(param)).sum())} "
-                    "NaN/inf values; refusing to write it (the run diverged?)")
-            state[key] = param.detach().float().contiguous().cpu()
+    adapter = injection._get(name)
+    params = [(f"{path}.lora_{ab}.weight", param) for path, layer in adapter.items()
+              for ab, param in (("A", layer.A), ("B", layer.B))]
+    if adapter.token_rows is not None:
+        params.append((adapter.token_rows.key, adapter.token_rows.delta))
+    for key, param in params:
+        if not torch.isfinite(param).all():
+            raise NonFiniteAdapterError(
+                f"adapter {name!r}: {key} holds {int((~torch.isfinite(param)).sum())} "
+                "NaN/inf values; refusing to write it (the run diverged?)")
+        state[key] = param.detach().float().contiguous().cpu()
     return state
 
 
@@ -199,6 +205,32 @@ def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
                 raise AdapterFileError(f"{source}: key {key!r} holds {bad} NaN/inf values")
 
 
+def split_token_rows(model: nn.Module, config: LoRAConfig, tensors: Mapping[str, torch.Tensor],
+                     source: str) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``tensors``, after checking the token-rows delta that
+    ``config.trainable_tokens`` asks for: its key names this model's token embedding, its shape
+    is (ids, dim), it is floating point and finite. Without trainable tokens, all of them."""
+    if not config.trainable_tokens:
+        return dict(tensors)  # a stray token-rows key is then reported as unexpected
+    try:
+        path = token_embedding(model)
+        vocab, dim = model.get_submodule(path).weight.shape
+        ids = check_token_ids(config.trainable_tokens, vocab)
+    except ValueError as e:
+        raise AdapterFileError(f"{source}: {e} (wrong base model?)") from None
+    key = f"{path}.{TOKEN_ROWS_KEY}"
+    if key not in tensors:
+        raise AdapterFileError(f"{source}: the config trains {len(ids)} token rows but the "
+                               f"file has no key {key!r}")
+    delta = tensors[key]
+    if tuple(delta.shape) != (len(ids), dim) or not delta.is_floating_point():
+        raise AdapterFileError(f"{source}: key {key!r} is {delta.dtype} {tuple(delta.shape)}, "
+                               f"this model needs floating point {(len(ids), dim)}")
+    if bad := int((~torch.isfinite(delta)).sum()):
+        raise AdapterFileError(f"{source}: key {key!r} holds {bad} NaN/inf values")
+    return {k: v for k, v in tensors.items() if k != key}
+
+
 def _metadata_json(meta: Mapping[str, str], key: str, source: str) -> dict[str, Any]:
     """The JSON value of metadata ``key``, which must be an object."""
     try:
@@ -255,7 +287,8 @@ def load_adapter(
     model = injection.model if injection is not None else target
     tensors, meta = read_adapter_file(path)
     config, spec = _parse_metadata(meta, str(path))
-    validate_state(linear_modules(model), spec, tensors, str(path))
+    validate_state(linear_modules(model), spec, split_token_rows(model, config, tensors, str(path)),
+                   str(path))
     saved_fp = meta.get("base_fingerprint")
     if saved_fp and saved_fp != base_fingerprint(model):
         log.warning("%s was trained on a base with fingerprint %s (%s); this model's is %s: "

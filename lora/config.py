@@ -36,7 +36,8 @@ class LoRAConfig:
     ``targets`` defaults to ``auto`` (the model family's presets); an adapter created from this
     config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
     alpha for the Linears a pattern matches (same syntax as ``targets``; the first matching
-    pattern wins).
+    pattern wins). ``trainable_tokens`` also trains those rows of the token embedding (and of
+    the LM head tied to it), see lora.token_rows.
     """
 
     r: int = 8
@@ -46,9 +47,15 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("auto",)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    trainable_tokens: tuple[int, ...] = ()  # token ids whose embedding rows train (token_rows)
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        self.trainable_tokens = tuple(self.trainable_tokens)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                   for i in self.trainable_tokens):
+            raise ValueError(f"trainable_tokens must be token ids (integers >= 0), got "
+                             f"{list(self.trainable_tokens)}")
         check_rank(self.r)
         check_alpha(self.alpha)
         check_dropout(self.dropout)
@@ -65,9 +72,14 @@ class LoRAConfig:
                 check(value, f"{name}[{pattern!r}]")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (targets as a list)."""
+        """A JSON-ready dict (targets as a list; trainable_tokens only when set, so a plain LoRA
+        adapter's file reads in versions that predate them)."""
         d = asdict(self)
         d["targets"] = list(self.targets)
+        if self.trainable_tokens:
+            d["trainable_tokens"] = list(self.trainable_tokens)
+        else:
+            del d["trainable_tokens"]
         return d
 
     @classmethod

@@ -27,6 +27,7 @@ from .targets import (
     select_targets,
     unmatched_patterns,
 )
+from .token_rows import TokenRows
 
 # module path -> (r, alpha): the resolved shape of one adapter.
 AdapterSpec = dict[str, tuple[int, float]]
@@ -51,7 +52,7 @@ def resolve_spec(model: nn.Module, config: LoRAConfig) -> AdapterSpec:
 
 
 class AdapterSet(nn.Module):
-    """The LoRALinear layers of one named adapter, keyed by module path."""
+    """The LoRALinear layers of one named adapter, keyed by module path (and its token rows)."""
 
     def __init__(self, config: LoRAConfig, layers: dict[str, LoRALinear]) -> None:
         super().__init__()
@@ -59,6 +60,7 @@ class AdapterSet(nn.Module):
         self.paths = list(layers)
         # ModuleDict keys may not contain '.', so paths are stored with '/'.
         self.layers = nn.ModuleDict({p.replace(".", "/"): m for p, m in layers.items()})
+        self.token_rows: TokenRows | None = None  # config.trainable_tokens' embedding rows
 
     def items(self) -> Iterator[tuple[str, LoRALinear]]:
         """(module path, LoRALinear) pairs in model order."""
@@ -118,6 +120,7 @@ class LoRAInjection(nn.Module):
         self.merged: list[str] = []
         self._linears = linear_modules(model)
         self._hooks: dict[str, RemovableHandle] = {}
+        self._token_hooks: list[RemovableHandle] = []
         self._backups: dict[str, torch.Tensor] = {}  # pre-merge weights, for exact unmerge
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -142,10 +145,15 @@ class LoRAInjection(nn.Module):
         """Build adapter ``name`` from a resolved spec, optionally filling A/B from ``state``.
 
         ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` to tensors whose shapes
-        the caller has already validated.
+        the caller has already validated (and the token rows' key, with trainable_tokens).
         """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists; delete it first")
+        rows = TokenRows.for_model(self.model, config.trainable_tokens) \
+            if config.trainable_tokens else None
+        if rows is not None and state is not None:
+            with torch.no_grad():
+                rows.delta.copy_(state[rows.key])
         layers = {}
         for path, (r, alpha) in spec.items():
             base = self._linears.get(path)
@@ -159,6 +167,7 @@ class LoRAInjection(nn.Module):
                     layer.B.copy_(state[f"{path}.lora_B.weight"])
             layers[path] = layer
         self.adapters[name] = AdapterSet(config, layers)
+        self.adapters[name].token_rows = rows
         if activate:
             self.active.append(name)
         self._refresh_hooks()
@@ -231,12 +240,15 @@ class LoRAInjection(nn.Module):
             if name not in self.merged:
                 for path, layer in self._get(name).items():
                     wanted.setdefault(path, []).append(layer)
-        for handle in self._hooks.values():
+        for handle in [*self._hooks.values(), *self._token_hooks]:
             handle.remove()
         self._hooks = {
             path: self._linears[path].register_forward_hook(_make_hook(path, layers))
             for path, layers in wanted.items()
         }
+        self._token_hooks = [h for name in self.active if name not in self.merged
+                             and (rows := self._get(name).token_rows) is not None
+                             for h in rows.hook(self.model)]
 
     # --- merge ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -270,6 +282,8 @@ class LoRAInjection(nn.Module):
             if path in backup and not self._merged_into(path):
                 self._backups[path] = weight.detach().clone()
             weight.copy_(weight.float() + layer.delta_weight())  # one rounding to W's dtype
+        if (rows := self._get(name).token_rows) is not None:
+            rows.merge_into(self.model)
         self.merged.append(name)
 
     @torch.no_grad()
@@ -285,6 +299,8 @@ class LoRAInjection(nn.Module):
                     weight.copy_(self._backups.pop(path))
                 else:
                     weight.copy_(weight.float() - layer.delta_weight())
+            if (rows := self._get(name).token_rows) is not None:
+                rows.unmerge_from(self.model)
         self._refresh_hooks()
 
     def _refuse_quantized(self, name: str) -> None:

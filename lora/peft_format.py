@@ -2,7 +2,10 @@
 
 Layout (PEFT's documented format): ``adapter_config.json`` + ``adapter_model.safetensors`` with
 keys ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r) and
-metadata ``{"format": "pt"}``. Per-module ranks/alphas that differ from ``r`` / ``lora_alpha``
+metadata ``{"format": "pt"}``. Trainable token rows: ``trainable_token_indices`` {embedding
+path: ids} and ``base_model.model.<embedding path>.token_adapter.trainable_tokens_delta`` (k, dim)
+holding the new rows W[ids] + delta, not the delta (peft 0.21 TrainableTokensLayer).
+Per-module ranks/alphas that differ from ``r`` / ``lora_alpha``
 go to ``rank_pattern`` / ``alpha_pattern``. peft >= 0.15 matches their keys as regexes,
 ``re.match(rf"(.*\\.)?({key})$", module_path)``, first key wins; older peft looks a module's
 full path up literally. We write plain full paths, which both read the same way, and check
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapter_file import (
@@ -30,8 +34,11 @@ from .adapter_file import (
 from .config import LoRAConfig
 from .injection import LoRAInjection
 from .targets import linear_modules
+from .token_rows import KEY as TOKEN_ROWS_KEY
+from .token_rows import token_embedding
 
 PREFIX = "base_model.model."
+TOKEN_VALUES = "token_adapter.trainable_tokens_delta"  # PEFT's name; it holds W[ids] + delta
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 # LoraConfig fields (peft 0.21) that do not change what a saved A/B pair computes on an
@@ -44,14 +51,13 @@ _INERT = frozenset({
     "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
 })
 _READ = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
-                   "alpha_pattern", "init_lora_weights"})
+                   "alpha_pattern", "init_lora_weights", "trainable_token_indices"})
 # Fields that change the maths or add tensors, accepted only when off; why, for the message.
 _REFUSED = {
     "use_dora": "DoRA renormalises the adapted weight and scales it by a trained vector",
     "bias": "PEFT trained the base model's biases too and saved them beside the adapter",
     "fan_in_fan_out": "the weights are stored (in, out), for GPT-2-style Conv1D layers",
     "modules_to_save": "whole modules were trained and saved beside the adapter",
-    "trainable_token_indices": "embedding rows were trained and saved beside the adapter",
     "layer_replication": "the adapter belongs to a model with replicated layers",
     "lora_bias": "lora_B carries a bias",
     "megatron_config": "the adapter is for Megatron's parallel layers",
@@ -133,12 +139,56 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
         "layers_to_transform": None,
         "inference_mode": True,
     }
+    state = {PREFIX + k: v for k, v in adapter_state(injection, name).items()}
+    if (rows := adapter.token_rows) is not None:
+        delta = state.pop(PREFIX + rows.key)  # fp32, checked finite by adapter_state
+        config["trainable_token_indices"] = {rows.embedding: rows.ids.tolist()}
+        values = rows.base_rows(injection.model).cpu() + delta
+        state[f"{PREFIX}{rows.embedding}.{TOKEN_VALUES}"] = values.contiguous()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {PREFIX + k: v for k, v in adapter_state(injection, name).items()}
     atomic_save_tensors(state, out_dir / WEIGHTS_NAME, {"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def _token_indices(config: dict, model: nn.Module, source: str) -> list[int]:
+    """``trainable_token_indices`` checked: it names this model's token embedding (a list:
+    PEFT's get_input_embeddings(); an object: modules matched by name ending, each the
+    embedding or tied to it, with one id list); ids distinct ints. [] when absent."""
+    value = config.get("trainable_token_indices")
+    if _is_off(value):
+        return []
+    path = token_embedding(model)
+    weight = model.get_submodule(path).weight
+    if isinstance(value, list):
+        get_input = getattr(model, "get_input_embeddings", None)
+        if get_input is None or get_input() is not model.get_submodule(path):
+            raise AdapterFileError(f"{source}: trainable_token_indices is a list, which PEFT "
+                                   f"applies to the input embedding; lora-vlm trains {path}")
+        lists = [value]
+    elif isinstance(value, dict):
+        lists = []
+        for name, ids in value.items():
+            found = [m for n, m in model.named_modules(remove_duplicate=False)
+                     if isinstance(name, str) and n.endswith(name)]
+            if not found or any(getattr(m, "weight", None) is not weight for m in found):
+                raise AdapterFileError(f"{source}: trainable_token_indices key {name!r} is not "
+                                       f"{path} or a module tied to it (lora-vlm trains those)")
+            lists.append(ids)
+    else:
+        raise AdapterFileError(f"{source}: trainable_token_indices={value!r}, expected a list "
+                               "of ids or an object of module name -> ids")
+    ids = lists[0]
+    if any(other != ids for other in lists) or not isinstance(ids, list) or not all(
+            _is_index(i) for i in ids) or len(set(ids)) != len(ids):
+        raise AdapterFileError(f"{source}: trainable_token_indices={value!r}: expected one list "
+                               "of distinct token ids for the embedding and its tied modules")
+    return ids
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _is_off(value: Any) -> bool:
@@ -247,6 +297,33 @@ def _read_config(config_path: Path) -> tuple[dict, LoRAConfig]:
     return patterns, LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora)
 
 
+def _token_rows_state(model: nn.Module, ids: list[int], tensors: dict[str, torch.Tensor],
+                     source: str) -> dict[str, torch.Tensor]:
+    """Pop PEFT's new rows from ``tensors`` and return them as our delta (rows minus W[ids],
+    ids sorted) under the token-rows key; {} without trainable tokens."""
+    if not ids:
+        return {}
+    path = token_embedding(model)
+    weight = model.get_submodule(path).weight
+    key = f"{path}.{TOKEN_VALUES}"
+    values = tensors.pop(key, None)
+    if values is None:
+        raise AdapterFileError(f"{source}: trainable_token_indices is set but there is no key "
+                               f"{PREFIX + key!r}")
+    if tuple(values.shape) != (len(ids), weight.shape[1]) or not values.is_floating_point():
+        raise AdapterFileError(f"{source}: key {PREFIX + key!r} is {values.dtype} "
+                               f"{tuple(values.shape)}, expected ({len(ids)}, {weight.shape[1]})")
+    if max(ids) >= weight.shape[0]:
+        raise AdapterFileError(f"{source}: token id {max(ids)} is outside this model's "
+                               f"vocabulary of {weight.shape[0]}")
+    if bad := int((~torch.isfinite(values)).sum()):
+        raise AdapterFileError(f"{source}: key {PREFIX + key!r} holds {bad} NaN/inf values")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    index = torch.tensor([ids[i] for i in order])
+    delta = values[order].float() - weight.detach()[index.to(weight.device)].float().cpu()
+    return {f"{path}.{TOKEN_ROWS_KEY}": delta}
+
+
 def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str = "default",
               activate: bool = True) -> LoRAInjection:
     """Import a PEFT LoRA directory into a model or injection, validated like load_adapter.
@@ -264,6 +341,9 @@ def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str =
         raise AdapterFileError(f"{weights_path}: unexpected key {bad[0]!r} (no {PREFIX!r} prefix)")
     tensors = {k[len(PREFIX):]: v for k, v in tensors.items()}
     model = target.model if isinstance(target, LoRAInjection) else target
+    token_ids = _token_indices(read_json_object(config_path, "PEFT config"), model,
+                               str(config_path))
+    rows_state = _token_rows_state(model, token_ids, tensors, str(weights_path))
     linears = linear_modules(model)
     order = {n: i for i, n in enumerate(linears)}  # model order, not the file's sorted order
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors}, key=lambda p: order.get(p, -1))
@@ -279,7 +359,7 @@ def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str =
                                    f"{weights_path} has rank {a.shape[0]}")
         spec[p] = (r, float(_pattern_value(p, patterns["alpha_pattern"], cfg.alpha)))
     validate_state(linears, spec, tensors, str(weights_path))
-    cfg.targets = tuple(paths)
+    cfg.targets, cfg.trainable_tokens = tuple(paths), tuple(sorted(token_ids))
     injection = target if isinstance(target, LoRAInjection) else LoRAInjection(model)
-    injection.attach(name, cfg, spec, tensors, activate=activate)
+    injection.attach(name, cfg, spec, {**tensors, **rows_state}, activate=activate)
     return injection
