@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, check_alpha, check_rank
+from .init_methods import Factors, saved_form
 from .injection import AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
 from .targets import linear_modules
@@ -101,12 +102,12 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
         raise
 
 
-def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their file keys, contiguous fp32 copies; all finite, or
+def factors_state(factors: Factors, name: str) -> dict[str, torch.Tensor]:
+    """Per-path (A, B) under their file keys, contiguous fp32 copies; all finite, or
     NonFiniteAdapterError naming the first tensor that is not (such a file loads nowhere)."""
     state = {}
-    for path, layer in injection._get(name).items():
-        for ab, param in (("A", layer.A), ("B", layer.B)):
+    for path, (a, b, _) in factors.items():
+        for ab, param in (("A", a), ("B", b)):
             key = f"{path}.lora_{ab}.weight"
             if not torch.isfinite(param).all():
                 raise NonFiniteAdapterError(
@@ -123,21 +124,29 @@ def save_adapter(
     base_model: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write adapter ``name`` to ``path`` (atomic) with its settings in the metadata."""
-    adapter = injection._get(name)
-    modules = {p: [layer.r, layer.alpha] for p, layer in adapter.items()}
+    """Write adapter ``name`` to ``path`` (atomic) with its settings in the metadata; a
+    PiSSA/OLoRA adapter is written converted, for the original base (lora.init_methods)."""
+    config, factors, converted = saved_form(injection._get(name))
+    return write_adapter(path, config, factors, name, base_fingerprint(injection.model),
+                         base_model, {**converted, **dict(extra or {})})
+
+
+def write_adapter(path: str | Path, config: LoRAConfig, factors: Factors, name: str,
+                  fingerprint: str, base_model: str = "",
+                  extra: Mapping[str, str] | None = None) -> Path:
+    """Write per-path (A, B, alpha) as adapter file ``path`` (atomic); ``name`` for errors."""
     metadata = {
         "format": "pt",
         "lora_vlm_format": FORMAT_VERSION,
-        "config": json.dumps(adapter.config.to_dict()),
-        "modules": json.dumps(modules),
+        "config": json.dumps(config.to_dict()),
+        "modules": json.dumps({p: [a.shape[0], alpha] for p, (a, _, alpha) in factors.items()}),
         "base_model": base_model,
-        "base_fingerprint": base_fingerprint(injection.model),
+        "base_fingerprint": fingerprint,
         "versions": json.dumps(library_versions()),
         **dict(extra or {}),
     }
     path = Path(path)
-    atomic_save_tensors(adapter_state(injection, name), path, metadata)
+    atomic_save_tensors(factors_state(factors, name), path, metadata)
     return path
 
 
@@ -238,6 +247,9 @@ def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, A
         config = LoRAConfig.from_dict(config)
     except (ValueError, TypeError) as e:
         raise AdapterFileError(f"{source}: bad adapter metadata 'config': {e}") from e
+    if config.init != "default":  # save_adapter converts these; a file that was not fits no base
+        raise AdapterFileError(f"{source}: init {config.init!r} saved unconverted: it fits only "
+                               "the residual base of its training run")
     return config, _parse_spec(_metadata_json(meta, "modules", source), source)
 
 

@@ -29,6 +29,10 @@ def check_dropout(p: Any, what: str = "dropout") -> float:
     return float(p)
 
 
+# How an adapter starts: "default" (A kaiming, B zeros) or from the base weight (lora.init_methods).
+INIT_METHODS = ("default", "pissa", "olora")
+
+
 @dataclass
 class LoRAConfig:
     """Rank, alpha, dropout, rsLoRA and which Linears get an adapter (see lora.targets).
@@ -36,7 +40,8 @@ class LoRAConfig:
     ``targets`` defaults to ``auto`` (the model family's presets); an adapter created from this
     config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
     alpha for the Linears a pattern matches (same syntax as ``targets``; the first matching
-    pattern wins).
+    pattern wins). ``init`` "pissa" / "olora" starts the adapter from the base weight, which
+    holds the residual while training (lora.init_methods).
     """
 
     r: int = 8
@@ -46,6 +51,7 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("auto",)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: str = "default"
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -54,6 +60,8 @@ class LoRAConfig:
         check_dropout(self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if not self.targets or not all(isinstance(t, str) for t in self.targets):
             raise ValueError(f"targets must be non-empty strings (a preset, a module suffix or "
                              f"a 're:' regex), got {list(self.targets)}")

@@ -22,12 +22,13 @@ from torch import nn
 
 from .adapter_file import (
     AdapterFileError,
-    adapter_state,
     atomic_save_tensors,
+    factors_state,
     read_adapter_file,
     validate_state,
 )
 from .config import LoRAConfig
+from .init_methods import saved_form
 from .injection import LoRAInjection
 from .targets import linear_modules
 
@@ -107,11 +108,10 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
     ``alpha_pattern`` hold the full paths whose r / alpha differ from ``r`` / ``lora_alpha``,
     unescaped, so peft before and after its 2025 regex change resolve them alike.
     """
-    adapter = injection._get(name)
-    layers = dict(adapter.items())
-    cfg = adapter.config
-    rank_pattern = {p: m.r for p, m in layers.items() if m.r != cfg.r}
-    alpha_pattern = {p: m.alpha for p, m in layers.items() if m.alpha != cfg.alpha}
+    cfg, factors, _ = saved_form(injection._get(name))  # PiSSA/OLoRA: converted, as PEFT does
+    layers = {p: (a.shape[0], alpha) for p, (a, _, alpha) in factors.items()}
+    rank_pattern = {p: r for p, (r, _) in layers.items() if r != cfg.r}
+    alpha_pattern = {p: alpha for p, (_, alpha) in layers.items() if alpha != cfg.alpha}
     _check_unambiguous(linear_modules(injection.model), list(layers),
                        [*rank_pattern, *alpha_pattern])
     config = {
@@ -135,7 +135,7 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {PREFIX + k: v for k, v in adapter_state(injection, name).items()}
+    state = {PREFIX + k: v for k, v in factors_state(factors, name).items()}
     atomic_save_tensors(state, out_dir / WEIGHTS_NAME, {"format": "pt"})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
