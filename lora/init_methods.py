@@ -104,8 +104,10 @@ def saved_form(adapter: AdapterSet) -> tuple[LoRAConfig, Factors, dict[str, str]
     A plain adapter as it is; a PiSSA/OLoRA one converted to plain LoRA for the original base.
     """
     cfg = adapter.config
-    if not adapter.initial:
-        return cfg, {p: (m.A, m.B, m.alpha) for p, m in adapter.items()}, {}
+    if not adapter.initial:  # to_plain's result still records what it was converted from
+        converted = getattr(adapter, "converted_from", None)
+        extra = {"converted_from": converted} if converted else {}
+        return cfg, {p: (m.A, m.B, m.alpha) for p, m in adapter.items()}, extra
     k = alpha_factor(cfg.rslora)
     factors = {}
     for path, layer in adapter.items():
@@ -129,13 +131,14 @@ def to_plain(injection: LoRAInjection, name: str) -> None:
     adapter = injection._get(name)
     if not adapter.initial:
         return
-    config, factors, _ = saved_form(adapter)
+    config, factors, extra = saved_form(adapter)
     active = name in injection.active
     injection.delete_adapter(name)  # restores the original weights
     spec = {p: (a.shape[0], alpha) for p, (a, _, alpha) in factors.items()}
     state = {f"{p}.lora_{ab}.weight": t for p, (a, b, _) in factors.items()
              for ab, t in (("A", a), ("B", b))}
-    injection.attach(name, config, spec, state, activate=active)
+    plain = injection.attach(name, config, spec, state, activate=active)
+    plain.converted_from = extra["converted_from"]
 
 
 @torch.no_grad()

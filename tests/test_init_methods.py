@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import tiny_blip
 from safetensors.torch import load_file, save_file
+from tiny_runs import train_args, write_tiny_run
 from transformers import BlipForConditionalGeneration
 
+import train
 from lora import (
     AdapterFileError,
     LoRAConfig,
@@ -107,6 +109,9 @@ def test_trained_model_equals_original_base_plus_converted_adapter(tmp_path, bat
 
     to_plain(inj, "default")  # in place: the same model, now base weights + rank-2r LoRA
     torch.testing.assert_close(logits(model, batch), trained, rtol=0, atol=ATOL)
+    again = save_adapter(inj, tmp_path / "b.safetensors")  # the same file, metadata included
+    assert read_metadata(again)["converted_from"] == meta["converted_from"]
+    assert all(torch.equal(t, load_file(path)[k]) for k, t in load_file(again).items())
     with inj.disabled():  # and the base is the original one again
         torch.testing.assert_close(logits(model, batch), logits(tiny_blip(), batch), rtol=0,
                                    atol=0)
@@ -214,3 +219,22 @@ def test_peft_trained_pissa_gives_peft_logits_and_peft_conversion(tmp_path):
     fresh = BlipForConditionalGeneration.from_pretrained(GOLDEN / "base").eval()
     load_peft(fresh, out)  # accepted: a converted adapter is plain LoRA
     torch.testing.assert_close(logits(fresh, golden), golden["pissa_logits"], rtol=0, atol=ATOL)
+
+
+# --- train.py --init ------------------------------------------------------------------------
+def test_train_pissa_resumes_bit_identically_and_saves_a_converted_adapter(tmp_path):
+    setup = write_tiny_run(tmp_path / "setup")
+    flags = ("--init", "pissa", "--epochs", "2", "--r", "4", "--alpha", "8")
+    full = train.main(train_args(setup, tmp_path / "a", *flags, "--eval-file", str(setup[1])))
+    train.main(train_args(setup, tmp_path / "b", *flags, "--stop-after-steps", "3"))
+    resumed = train.main(train_args(setup, tmp_path / "b", *flags, "--resume", "auto"))
+    a, b = load_file(full), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_metadata(full)
+    assert json.loads(meta["converted_from"])["init"] == "pissa"
+    assert json.loads(meta["config"])["r"] == 8  # rank 2r: loads as plain LoRA
+    report = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert set(report) >= {"adapter", "base"}
+    with pytest.raises(SystemExit, match="settings differ"):  # --init is a resume setting
+        train.main(train_args(setup, tmp_path / "b", "--epochs", "3", "--r", "4", "--alpha",
+                              "8", "--resume", str(tmp_path / "b/checkpoints/step-000003")))
