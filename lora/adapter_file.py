@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -251,6 +252,19 @@ def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, A
         raise AdapterFileError(f"{source}: init {config.init!r} saved unconverted: it fits only "
                                "the residual base of its training run")
     return config, _parse_spec(_metadata_json(meta, "modules", source), source)
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, AdapterSpec, dict[str, torch.Tensor],
+                                             dict[str, str]]:
+    """An adapter file's config, per-module (r, alpha), tensors and metadata, checked as far as
+    no model is needed: keys exactly the modules', A (r, ·) and B (·, r), all finite."""
+    tensors, meta = read_adapter_file(path)
+    config, spec = _parse_metadata(meta, str(path))
+    a, b = ({p: tensors.get(f"{p}.lora_{ab}.weight") for p in spec} for ab in "AB")
+    sizes = {p: SimpleNamespace(in_features=a[p].shape[-1], out_features=b[p].shape[0])
+             for p in spec if a[p] is not None and b[p] is not None and a[p].ndim == b[p].ndim == 2}
+    validate_state(sizes, spec, tensors, str(path))  # shapes against themselves: r only
+    return config, spec, tensors, meta
 
 
 def load_adapter(
