@@ -6,10 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_blip
+from conftest import randomize_adapters, tiny_blip, write_tiny_model_dir
+from PIL import Image
 
+import eval as evaluate
+import infer
 from lora import LoRAConfig, inject_lora, load_adapter, read_metadata, save_adapter
 from lora.arithmetic import add_weighted_adapter, main, split_weight
+from models.api import Pipeline
+from models.loading import load_model
 
 ATOL = 1e-5
 
@@ -190,3 +195,41 @@ def test_split_weight(tmp_path):
     assert split_weight(odd) == (str(odd), 1.0)
     with pytest.raises(ValueError, match="weight 'nan' is not a finite number"):
         split_weight("a.safetensors:nan")
+
+
+# --- PATH:WEIGHT in the Python API, infer.py and eval.py --------------------------------------
+def test_pipeline_weight_scales_the_delta_before_merging(tmp_path):
+    model_dir = write_tiny_model_dir(tmp_path / "m")
+    model, _, _ = load_model(str(model_dir))
+    inj = inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("query",)))
+    randomize_adapters(inj, seed=3, std=0.2)
+    path = save_adapter(inj, tmp_path / "a.safetensors", base_model=str(model_dir),
+                        extra={"task": "caption"})
+    base = dict(load_model(str(model_dir))[0].named_parameters())
+    pipe = Pipeline(str(model_dir), [f"{path}:0.5"], merge=True, device="cpu")
+    merged = dict(pipe.model.named_parameters())
+    for p, layer in inj.adapters["default"].items():
+        want = base[f"{p}.weight"] + 0.5 * (4 / 2) * layer.B @ layer.A  # W + w·(alpha/r)·BA
+        torch.testing.assert_close(merged[f"{p}.weight"], want.detach(), rtol=0, atol=ATOL)
+    assert pipe.adapter_paths == [str(path)]
+
+
+def test_infer_and_eval_refuse_a_bad_weight_in_one_line(tmp_path, capsys):
+    model_dir = write_tiny_model_dir(tmp_path / "m")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    capsys.readouterr()  # the model writer's progress bar
+    for entry, argv in ((infer.main, [str(image)]),
+                        (evaluate.main, ["--out-dir", str(tmp_path / "e")])):
+        with pytest.raises(SystemExit) as e:
+            entry([*argv, "--model", str(model_dir), "--adapter", "a.safetensors:0,7"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("weight '0,7' is not a finite number (FILE:WEIGHT, e.g. "
+                            "adapter.safetensors:0.7)")
+        assert "\n" not in err and "Traceback" not in err
+
+
+def test_eval_names_a_weighted_column_by_its_weight():
+    assert evaluate.column_names(["runs/x/adapter.safetensors:0.7", "runs/x/adapter.safetensors",
+                                  "b.safetensors:-1"]) == ["x:0.7", "x", "b:-1"]
