@@ -148,10 +148,16 @@ def to_training_form(injection: LoRAInjection, name: str, metadata: dict[str, st
     A file without it is left as loaded."""
     if "converted_from" not in metadata:
         return
-    original = json.loads(metadata["converted_from"])
-    config = LoRAConfig.from_dict(original["config"])
-    spec = {p: (int(r), float(alpha)) for p, (r, alpha) in original["modules"].items()}
     adapter = injection._get(name)
+    try:
+        original = json.loads(metadata["converted_from"])
+        config = LoRAConfig.from_dict(original["config"])
+        spec = {p: (int(r), float(alpha)) for p, (r, alpha) in original["modules"].items()}
+        if set(spec) != set(adapter.paths) or any(
+                2 * spec[p][0] != m.r for p, m in adapter.items()):
+            raise ValueError("its modules do not match the adapter's")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"adapter {name!r}: bad 'converted_from' metadata ({e})") from e
     state, initial = {}, {}
     for path, layer in adapter.items():
         r = spec[path][0]

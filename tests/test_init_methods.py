@@ -137,6 +137,9 @@ def test_converted_file_resumes_as_the_trained_adapter(tmp_path, batch):
     torch.testing.assert_close(logits(fresh, batch), trained, rtol=0, atol=0)
     train_one_step(again, batch)  # and it trains on
     assert not torch.equal(again.adapter_parameters()[0], inj.adapter_parameters()[0])
+    other = load_adapter(tiny_blip(), path, name="default")
+    with pytest.raises(ValueError, match="bad 'converted_from' metadata"):
+        to_training_form(other, "default", {"converted_from": '{"init": "pissa"}'})
 
 
 def test_quantized_base_is_refused_unchanged():
