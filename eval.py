@@ -44,6 +44,7 @@ from cli.flags import (
 )
 from evaluation import caption_scores, exact_match, is_correct, vqa_scores
 from evaluation.report import Row, score_table, write_contact_sheet, write_html
+from lora.arithmetic import split_weight
 from lora.peft_format import WEIGHTS_NAME
 from models.api import Pipeline
 from models.export import sha256_file
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--adapter", action="append", default=[],
-                   help="adapter file (or PEFT directory) to compare with the base (repeatable)")
+    g.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="adapter file (or PEFT directory) to compare with the base (repeatable); "
+                        "PATH:0.7 scales its delta by 0.7 (its column: NAME:0.7)")
     add_base_flags(g)
     g.add_argument("--eval-file", default=None,
                    help="test data, in any format train.py reads (default: the shipped test set "
@@ -94,9 +96,12 @@ def column_names(adapters: list[str]) -> list[str]:
     <run>/adapter.safetensors, else the file (or PEFT directory) name without suffix; a
     repeated name gets -2, -3, ..."""
     names: list[str] = []
-    for adapter in map(Path, adapters):
+    for spec in adapters:
+        path, weight = split_weight(spec)
+        adapter = Path(path)
         name = adapter.parent.name if adapter.stem == "adapter" and adapter.parent.name \
             else adapter.stem
+        name += f":{weight:g}" if weight != 1.0 else ""
         unique, n = name, 1
         while unique in names or unique == "base":
             n += 1
@@ -177,12 +182,14 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
 def systems(pipe: Pipeline, args: argparse.Namespace) -> dict[str, dict]:
     """Per column: the injection's adapter name (None: the base) and what eval.json records."""
     out = {"base": {"name": None, "prompt": pipe.base_prompt}}
-    for column, name, path in zip(column_names(args.adapter), pipe.adapter_names, args.adapter,
+    for column, name, spec in zip(column_names(args.adapter), pipe.adapter_names, args.adapter,
                                   strict=True):
+        path, weight = split_weight(spec)
         weights = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
         out[column] = {"name": name, "adapter": str(path), "sha256": sha256_file(weights),
                        "task": pipe.adapter_tasks[name] or pipe.task.name,
-                       "prompt": pipe.adapter_prompts[name]}
+                       "prompt": pipe.adapter_prompts[name],
+                       **({"weight": weight} if weight != 1.0 else {})}  # PATH:WEIGHT given
     return out
 
 

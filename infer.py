@@ -5,6 +5,7 @@
     python infer.py a.jpg b.jpg --model Salesforce/blip-image-captioning-large --num-beams 3
     python infer.py a.jpg --model Salesforce/blip-vqa-base --question "how many dogs?"
     python infer.py a.jpg --adapter runs/caption-peft/          # a PEFT adapter directory
+    python infer.py a.jpg --adapter a.safetensors:0.7 --adapter b.safetensors:0.3  # weighted
 
 Each adapter's settings (rank, alpha, targets, base model, prompt) come from its file's
 metadata, or from a PEFT directory's adapter_config.json (task and prompt from the
@@ -55,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     add_base_flags(p)  # --model, --task (vqa also when --question is given)
-    p.add_argument("--adapter", action="append", default=[],
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="adapter .safetensors file or PEFT adapter directory "
                         "(adapter_config.json + adapter_model.safetensors); repeatable: their "
-                        "deltas add up")
+                        "deltas add up; PATH:0.7 scales its delta by 0.7 (set_scale)")
     p.add_argument("--merge", action="store_true",
                    help="merge adapters into the weights (no per-layer hook cost); with "
                         "--quantize the merge happens in full precision, then W + BA is quantized")

@@ -57,9 +57,12 @@ from lora import (
     LoRAInjection,
     inject_lora,
     load_adapter,
+    read_metadata,
     save_adapter,
 )
 from lora.adapter_file import library_versions
+from lora.config import INIT_METHODS
+from lora.init_methods import to_plain, to_training_form
 from lora.targets import model_family, resolve_targets, select_targets
 from lora.token_rows import resolve_trainable_tokens, task_target_labels
 from models.base_model import base_model_metadata
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=32.0, help="scale numerator: delta × alpha/r")
     g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) (rank-stabilised)")
+    g.add_argument("--init", choices=INIT_METHODS, default="default",
+                   help="adapter start: default (A random, B zero); pissa (top-r SVD of W) or "
+                        "olora (QR of W), training on the residual W - s·BA; saved converted "
+                        "to a plain rank-2r LoRA for the original base (no --quantize)")
     g.add_argument("--targets", default="auto",
                    help="comma list of presets (vision, text, qformer, language), module "
                         "suffixes (attention.self.query) or 're:<regex>' on full module paths; "
@@ -501,16 +508,18 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
                           targets=targets, rank_pattern=parse_patterns(args.rank_pattern, int),
                           alpha_pattern=parse_patterns(args.alpha_pattern, float),
-                          trainable_tokens=trainable_tokens(args, task, train_samples, tokenizer))
+                          trainable_tokens=trainable_tokens(args, task, train_samples, tokenizer),
+                          init=args.init)
     # A damaged checkpoint fails here, in load_state, before the model changes.
     state, pos = load_state(resume_dir) if resume_dir else (None, Position())
-    if resume_dir:
-        injection = load_adapter(model, resume_dir / ADAPTER, name="default")
-    else:
-        try:
+    try:
+        if resume_dir:
+            injection = load_adapter(model, resume_dir / ADAPTER, name="default")
+            to_training_form(injection, "default", read_metadata(resume_dir / ADAPTER))  # PiSSA
+        else:
             injection = inject_lora(model, lora_cfg)
-        except ValueError as e:  # a --rank-pattern / --alpha-pattern that selects nothing
-            raise RunError(str(e)) from None
+    except ValueError as e:  # a pattern that selects nothing; --init pissa on a quantized base
+        raise RunError(str(e)) from None
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
@@ -738,6 +747,7 @@ def finish(run: Run) -> Path:
     """Save the final adapter and curves; report exact match on --eval-file (rank 0)."""
     run.bar.close()
     final = run.out_dir / ADAPTER
+    to_plain(run.injection, "default")  # PiSSA/OLoRA: the original base back, for the report
     if run.main_rank:
         save_adapter(run.injection, final, base_model=run.args.model, extra=run.adapter_meta)
         try:

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, check_alpha, check_rank
-from .injection import AdapterSpec, LoRAInjection
+from .init_methods import Factors, saved_form
+from .injection import AdapterSet, AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
 from .targets import linear_modules
 from .token_rows import KEY as TOKEN_ROWS_KEY
@@ -104,22 +106,30 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
         raise
 
 
-def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their file keys, contiguous fp32 copies; all finite, or
-    NonFiniteAdapterError naming the first tensor that is not (such a file loads nowhere)."""
+def finite_copies(tensors: Iterable[tuple[str, torch.Tensor]], name: str
+                  ) -> dict[str, torch.Tensor]:
+    """Contiguous fp32 CPU copies under their file keys; all finite, or NonFiniteAdapterError
+    naming the first tensor that is not (such a file loads nowhere)."""
     state = {}
-    adapter = injection._get(name)
-    params = [(f"{path}.lora_{ab}.weight", param) for path, layer in adapter.items()
-              for ab, param in (("A", layer.A), ("B", layer.B))]
-    if adapter.token_rows is not None:
-        params.append((adapter.token_rows.key, adapter.token_rows.delta))
-    for key, param in params:
+    for key, param in tensors:
         if not torch.isfinite(param).all():
             raise NonFiniteAdapterError(
                 f"adapter {name!r}: {key} holds {int((~torch.isfinite(param)).sum())} "
                 "NaN/inf values; refusing to write it (the run diverged?)")
         state[key] = param.detach().float().contiguous().cpu()
     return state
+
+
+def factors_state(factors: Factors, name: str) -> dict[str, torch.Tensor]:
+    """Per-path (A, B) under their file keys (see finite_copies)."""
+    return finite_copies(((f"{path}.lora_{ab}.weight", t) for path, (a, b, _) in factors.items()
+                          for ab, t in (("A", a), ("B", b))), name)
+
+
+def token_rows_state(adapter: AdapterSet, name: str) -> dict[str, torch.Tensor]:
+    """The trained embedding rows' delta under its file key, if the adapter has any."""
+    rows = adapter.token_rows
+    return {} if rows is None else finite_copies([(rows.key, rows.delta)], name)
 
 
 def save_adapter(
@@ -129,21 +139,34 @@ def save_adapter(
     base_model: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write adapter ``name`` to ``path`` (atomic) with its settings in the metadata."""
+    """Write adapter ``name`` to ``path`` (atomic) with its settings in the metadata; a
+    PiSSA/OLoRA adapter is written converted, for the original base (lora.init_methods)."""
     adapter = injection._get(name)
-    modules = {p: [layer.r, layer.alpha] for p, layer in adapter.items()}
+    config, factors, converted = saved_form(adapter)
+    return write_adapter(path, config, factors, name, base_fingerprint(injection.model),
+                         base_model, {**converted, **dict(extra or {})},
+                         token_rows_state(adapter, name))
+
+
+def write_adapter(path: str | Path, config: LoRAConfig, factors: Factors, name: str,
+                  fingerprint: str, base_model: str = "",
+                  extra: Mapping[str, str] | None = None,
+                  extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write per-path (A, B, alpha) and ``extra_tensors`` (e.g. token rows) as adapter file
+    ``path`` (atomic); ``name`` for errors."""
     metadata = {
         "format": "pt",
         "lora_vlm_format": FORMAT_VERSION,
-        "config": json.dumps(adapter.config.to_dict()),
-        "modules": json.dumps(modules),
+        "config": json.dumps(config.to_dict()),
+        "modules": json.dumps({p: [a.shape[0], alpha] for p, (a, _, alpha) in factors.items()}),
         "base_model": base_model,
-        "base_fingerprint": base_fingerprint(injection.model),
+        "base_fingerprint": fingerprint,
         "versions": json.dumps(library_versions()),
         **dict(extra or {}),
     }
     path = Path(path)
-    atomic_save_tensors(adapter_state(injection, name), path, metadata)
+    atomic_save_tensors({**factors_state(factors, name), **dict(extra_tensors or {})}, path,
+                        metadata)
     return path
 
 
@@ -270,7 +293,23 @@ def _parse_metadata(meta: Mapping[str, str], source: str) -> tuple[LoRAConfig, A
         config = LoRAConfig.from_dict(config)
     except (ValueError, TypeError) as e:
         raise AdapterFileError(f"{source}: bad adapter metadata 'config': {e}") from e
+    if config.init != "default":  # save_adapter converts these; a file that was not fits no base
+        raise AdapterFileError(f"{source}: init {config.init!r} saved unconverted: it fits only "
+                               "the residual base of its training run")
     return config, _parse_spec(_metadata_json(meta, "modules", source), source)
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, AdapterSpec, dict[str, torch.Tensor],
+                                             dict[str, str]]:
+    """An adapter file's config, per-module (r, alpha), tensors and metadata, checked as far as
+    no model is needed: keys exactly the modules', A (r, ·) and B (·, r), all finite."""
+    tensors, meta = read_adapter_file(path)
+    config, spec = _parse_metadata(meta, str(path))
+    a, b = ({p: tensors.get(f"{p}.lora_{ab}.weight") for p in spec} for ab in "AB")
+    sizes = {p: SimpleNamespace(in_features=a[p].shape[-1], out_features=b[p].shape[0])
+             for p in spec if a[p] is not None and b[p] is not None and a[p].ndim == b[p].ndim == 2}
+    validate_state(sizes, spec, tensors, str(path))  # shapes against themselves: r only
+    return config, spec, tensors, meta
 
 
 def load_adapter(

@@ -29,6 +29,12 @@ def check_dropout(p: Any, what: str = "dropout") -> float:
     return float(p)
 
 
+# How an adapter starts: "default" (A kaiming, B zeros) or from the base weight (lora.init_methods).
+INIT_METHODS = ("default", "pissa", "olora")
+# Fields added by LoRA variants; saved only when not at their default (see to_dict).
+VARIANT_FIELDS = ("trainable_tokens", "init")
+
+
 @dataclass
 class LoRAConfig:
     """Rank, alpha, dropout, rsLoRA and which Linears get an adapter (see lora.targets).
@@ -37,7 +43,8 @@ class LoRAConfig:
     config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
     alpha for the Linears a pattern matches (same syntax as ``targets``; the first matching
     pattern wins). ``trainable_tokens`` also trains those rows of the token embedding (and of
-    the LM head tied to it), see lora.token_rows.
+    the LM head tied to it), see lora.token_rows. ``init`` "pissa" / "olora" starts the adapter
+    from the base weight, which holds the residual while training (lora.init_methods).
     """
 
     r: int = 8
@@ -48,6 +55,7 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_tokens: tuple[int, ...] = ()  # token ids whose embedding rows train (token_rows)
+    init: str = "default"
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -61,6 +69,8 @@ class LoRAConfig:
         check_dropout(self.dropout)
         if not isinstance(self.rslora, bool):
             raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if not self.targets or not all(isinstance(t, str) for t in self.targets):
             raise ValueError(f"targets must be non-empty strings (a preset, a module suffix or "
                              f"a 're:' regex), got {list(self.targets)}")
@@ -72,14 +82,14 @@ class LoRAConfig:
                 check(value, f"{name}[{pattern!r}]")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (targets as a list; trainable_tokens only when set, so a plain LoRA
-        adapter's file reads in versions that predate them)."""
+        """A JSON-ready dict (targets as a list). Variant fields at their defaults are left
+        out, so a plain LoRA adapter's file reads in versions that predate those variants."""
         d = asdict(self)
         d["targets"] = list(self.targets)
-        if self.trainable_tokens:
-            d["trainable_tokens"] = list(self.trainable_tokens)
-        else:
-            del d["trainable_tokens"]
+        d["trainable_tokens"] = list(self.trainable_tokens)
+        for name in VARIANT_FIELDS:
+            if getattr(self, name) == self.__dataclass_fields__[name].default:
+                del d[name]
         return d
 
     @classmethod

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
+from .init_methods import initialise_from_weights
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
 from .targets import (
@@ -61,6 +62,8 @@ class AdapterSet(nn.Module):
         # ModuleDict keys may not contain '.', so paths are stored with '/'.
         self.layers = nn.ModuleDict({p.replace(".", "/"): m for p, m in layers.items()})
         self.token_rows: TokenRows | None = None  # config.trainable_tokens' embedding rows
+        # PiSSA/OLoRA: path -> (A0, B0), the values at init, for conversion (lora.init_methods)
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def items(self) -> Iterator[tuple[str, LoRALinear]]:
         """(module path, LoRALinear) pairs in model order."""
@@ -122,6 +125,7 @@ class LoRAInjection(nn.Module):
         self._hooks: dict[str, RemovableHandle] = {}
         self._token_hooks: list[RemovableHandle] = []
         self._backups: dict[str, torch.Tensor] = {}  # pre-merge weights, for exact unmerge
+        self._originals: dict[str, torch.Tensor] = {}  # weights PiSSA/OLoRA replaced by residuals
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
 
@@ -130,9 +134,18 @@ class LoRAInjection(nn.Module):
         """A fresh adapter (B = 0: outputs unchanged) on the Linears that ``config`` selects.
 
         The adapter keeps ``config`` with ``auto`` resolved, so its file names the presets used.
+        ``config.init`` pissa/olora starts it from the base weights instead, which then hold their
+        residuals until the adapter is deleted (outputs still unchanged; lora.init_methods).
         """
         config = dataclasses.replace(config, targets=resolve_targets(self.model, config.targets))
-        return self.attach(name, config, resolve_spec(self.model, config), activate=activate)
+        adapter = self.attach(name, config, resolve_spec(self.model, config), activate=activate)
+        if config.init != "default":
+            try:
+                initialise_from_weights(self, name)
+            except ValueError:
+                self.delete_adapter(name)
+                raise
+        return adapter
 
     def attach(
         self,
@@ -174,10 +187,12 @@ class LoRAInjection(nn.Module):
         return self.adapters[name]
 
     def delete_adapter(self, name: str) -> None:
-        """Drop adapter ``name`` (unmerging it first if merged)."""
+        """Drop adapter ``name`` (unmerging it first if merged; base weights it replaced come
+        back)."""
         self._get(name)
         if name in self.merged:
             self.unmerge([name])
+        self.restore_base_weights(self._get(name).initial)
         del self.adapters[name]
         self.active = [a for a in self.active if a != name]
         self._refresh_hooks()
@@ -202,6 +217,8 @@ class LoRAInjection(nn.Module):
         Merged adapters are unmerged on entry and merged again on exit, so W comes back
         bit-identical where merge kept a backup (``exact_unmerge=True``), otherwise within a few
         roundings of W's dtype. Changes made inside the block (set_active, merge) are undone.
+        While a PiSSA/OLoRA adapter exists, W holds its residual: lora.init_methods.to_plain
+        first for the original base's outputs.
         """
         active, merged, backups = list(self.active), list(self.merged), dict(self._backups)
         self.set_active([])
@@ -226,6 +243,20 @@ class LoRAInjection(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged; unmerge before changing its scale")
         for _, layer in self._get(name).items():
             layer.scale = layer.base_scale * multiplier
+
+    @torch.no_grad()
+    def replace_base_weight(self, path: str, weight: torch.Tensor) -> None:
+        """Linear ``path``'s weight := ``weight`` (a PiSSA/OLoRA residual), keeping the original
+        for ``restore_base_weights`` (delete_adapter and remove call it)."""
+        current = self._linears[path].weight
+        self._originals.setdefault(path, current.detach().clone())
+        current.copy_(weight)
+
+    @torch.no_grad()
+    def restore_base_weights(self, paths: Iterable[str]) -> None:
+        """The original weights of ``paths`` that replace_base_weight replaced, bit-exact."""
+        for path in [p for p in paths if p in self._originals]:
+            self._linears[path].weight.copy_(self._originals.pop(path))
 
     def _get(self, name: str) -> AdapterSet:
         if name not in self.adapters:
@@ -324,8 +355,10 @@ class LoRAInjection(nn.Module):
 
     # --- whole-model ----------------------------------------------------------------------
     def remove(self) -> None:
-        """Unmerge everything, drop every hook and adapter, restore requires_grad flags."""
+        """Unmerge everything, drop every hook and adapter, restore the base weights
+        (PiSSA/OLoRA residuals) and requires_grad flags."""
         self.unmerge()
+        self.restore_base_weights(list(self._originals))
         self.active = []
         self._refresh_hooks()
         self.adapters = nn.ModuleDict()

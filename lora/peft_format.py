@@ -26,12 +26,14 @@ from torch import nn
 
 from .adapter_file import (
     AdapterFileError,
-    adapter_state,
     atomic_save_tensors,
+    factors_state,
     read_adapter_file,
+    token_rows_state,
     validate_state,
 )
 from .config import LoRAConfig
+from .init_methods import saved_form
 from .injection import LoRAInjection
 from .targets import linear_modules
 from .token_rows import KEY as TOKEN_ROWS_KEY
@@ -114,10 +116,10 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
     unescaped, so peft before and after its 2025 regex change resolve them alike.
     """
     adapter = injection._get(name)
-    layers = dict(adapter.items())
-    cfg = adapter.config
-    rank_pattern = {p: m.r for p, m in layers.items() if m.r != cfg.r}
-    alpha_pattern = {p: m.alpha for p, m in layers.items() if m.alpha != cfg.alpha}
+    cfg, factors, _ = saved_form(adapter)  # PiSSA/OLoRA: converted, as PEFT does
+    layers = {p: (a.shape[0], alpha) for p, (a, _, alpha) in factors.items()}
+    rank_pattern = {p: r for p, (r, _) in layers.items() if r != cfg.r}
+    alpha_pattern = {p: alpha for p, (_, alpha) in layers.items() if alpha != cfg.alpha}
     _check_unambiguous(linear_modules(injection.model), list(layers),
                        [*rank_pattern, *alpha_pattern])
     config = {
@@ -139,9 +141,9 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
         "layers_to_transform": None,
         "inference_mode": True,
     }
-    state = {PREFIX + k: v for k, v in adapter_state(injection, name).items()}
+    state = {PREFIX + k: v for k, v in factors_state(factors, name).items()}
     if (rows := adapter.token_rows) is not None:
-        delta = state.pop(PREFIX + rows.key)  # fp32, checked finite by adapter_state
+        delta = token_rows_state(adapter, name)[rows.key]  # fp32, checked finite
         config["trainable_token_indices"] = {rows.embedding: rows.ids.tolist()}
         values = rows.base_rows(injection.model).cpu() + delta
         state[f"{PREFIX}{rows.embedding}.{TOKEN_VALUES}"] = values.contiguous()

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lora import LoRAInjection
+from lora.arithmetic import split_weight
 
 from .adapters import adapter_metadata, load_adapter_path, read_sidecar
 from .base_model import locate_adapters_base
@@ -37,8 +38,9 @@ def adapters_task(adapters: Sequence[str | Path], metas: Sequence[dict[str, str]
 class Pipeline:
     """Base model + adapters (settings from each adapter file's metadata), ready to predict.
 
-    An adapter is a lora-vlm ``.safetensors`` file or a PEFT adapter directory. A model
-    directory written by export.py brings the task and prompt it was trained with.
+    An adapter is a lora-vlm ``.safetensors`` file or a PEFT adapter directory, optionally
+    ``PATH:WEIGHT`` (its delta × WEIGHT, via set_scale). A model directory written by export.py
+    brings the task and prompt it was trained with.
 
     ``task`` predicts with every adapter on (its prompt: ``prompt``, else the first adapter's);
     ``activate`` turns one adapter (or none) on and returns the task with that one's prompt."""
@@ -55,6 +57,8 @@ class Pipeline:
         quantize: str = "none",
         double_quant: bool = True,
     ) -> None:
+        weights = [split_weight(a) for a in adapters]  # "a.safetensors:0.7" -> (path, 0.7)
+        self.adapter_paths = adapters = [path for path, _ in weights]
         metas = [adapter_metadata(a) for a in adapters]
         recorded = adapters_task(adapters, metas)  # a mix of tasks is an error either way
         task = task or recorded
@@ -85,6 +89,9 @@ class Pipeline:
         for name, path in zip(self.adapter_prompts, adapters, strict=True):
             # distinct names: two runs' files share a stem
             self.injection = load_adapter_path(self.injection or self.model, path, name=name)
+        for name, (_, weight) in zip(self.adapter_prompts, weights, strict=True):
+            if weight != 1.0:
+                self.injection.set_scale(name, weight)
         if merge:  # W + scale·BA in full precision first, then one quantization of the sum
             self.injection.merge()  # no backup copy of W (exact_unmerge): inference only
             place_model(self.model, pick_device(device), quantize, double_quant)
