@@ -312,7 +312,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="timed steps (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
+    ap.add_argument("--malloc", choices=("fixed", "default"), default="default",
                     help="fixed: workers run with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors "
                          "leave RSS at once; default: glibc's dynamic threshold, as train.py runs")
     ap.add_argument("--checkpoint", type=Path, default=None,
