@@ -1,7 +1,8 @@
 """Adapter files: safetensors with only adapter tensors, their settings in the metadata.
 
 Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r),
-fp32. Metadata (all strings, as safetensors requires):
+fp32; a DoRA adapter adds ``<module path>.lora_magnitude_vector`` (out,). Metadata (all
+strings, as safetensors requires):
   format="pt", lora_vlm_format=FORMAT_VERSION, config (LoRAConfig JSON), modules (JSON
   {path: [r, alpha]}), base_model, base_fingerprint, versions (JSON), plus caller extras.
 Loading checks everything before it touches the model, so a bad file changes nothing: the
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, check_alpha, check_rank
+from .dora import MAGNITUDE_KEY, DoRALinear
 from .injection import AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
 from .targets import linear_modules
@@ -106,8 +108,10 @@ def adapter_state(injection: LoRAInjection, name: str) -> dict[str, torch.Tensor
     NonFiniteAdapterError naming the first tensor that is not (such a file loads nowhere)."""
     state = {}
     for path, layer in injection._get(name).items():
-        for ab, param in (("A", layer.A), ("B", layer.B)):
-            key = f"{path}.lora_{ab}.weight"
+        params = {f"{path}.lora_A.weight": layer.A, f"{path}.lora_B.weight": layer.B}
+        if isinstance(layer, DoRALinear):
+            params[f"{path}.{MAGNITUDE_KEY}"] = layer.magnitude
+        for key, param in params.items():
             if not torch.isfinite(param).all():
                 raise NonFiniteAdapterError(
                     f"adapter {name!r}: {key} holds {int((~torch.isfinite(param)).sum())} "
@@ -168,12 +172,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
-                   tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Keys exactly match ``spec``; every path is a Linear of the model; shapes fit it; every
-    tensor is floating point and finite."""
+                   tensors: Mapping[str, torch.Tensor], source: str, dora: bool = False) -> None:
+    """Keys exactly match ``spec`` (plus DoRA's magnitudes with ``dora``); every path is a Linear
+    of the model; shapes fit it; every tensor is floating point and finite."""
     if not spec:
         raise AdapterFileError(f"{source}: holds no adapter modules")
     expected = {f"{p}.lora_{ab}.weight" for p in spec for ab in "AB"}
+    expected |= {f"{p}.{MAGNITUDE_KEY}" for p in spec} if dora else set()
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise AdapterFileError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
@@ -186,8 +191,11 @@ def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
             raise AdapterFileError(
                 f"{source}: key {path + '.lora_A.weight'!r} names {path!r}, which is not an "
                 "nn.Linear of this model (wrong base model?)")
-        for ab, shape in (("A", (r, base.in_features)), ("B", (base.out_features, r))):
-            key = f"{path}.lora_{ab}.weight"
+        shapes = {f"{path}.lora_A.weight": (r, base.in_features),
+                  f"{path}.lora_B.weight": (base.out_features, r)}
+        if dora:
+            shapes[f"{path}.{MAGNITUDE_KEY}"] = (base.out_features,)
+        for key, shape in shapes.items():
             if tuple(tensors[key].shape) != shape:
                 raise AdapterFileError(
                     f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, this model "
@@ -255,7 +263,7 @@ def load_adapter(
     model = injection.model if injection is not None else target
     tensors, meta = read_adapter_file(path)
     config, spec = _parse_metadata(meta, str(path))
-    validate_state(linear_modules(model), spec, tensors, str(path))
+    validate_state(linear_modules(model), spec, tensors, str(path), config.dora)
     saved_fp = meta.get("base_fingerprint")
     if saved_fp and saved_fp != base_fingerprint(model):
         log.warning("%s was trained on a base with fingerprint %s (%s); this model's is %s: "

@@ -31,12 +31,12 @@ def check_dropout(p: Any, what: str = "dropout") -> float:
 
 @dataclass
 class LoRAConfig:
-    """Rank, alpha, dropout, rsLoRA and which Linears get an adapter (see lora.targets).
+    """Rank, alpha, dropout, rsLoRA, DoRA and which Linears get an adapter (see lora.targets).
 
     ``targets`` defaults to ``auto`` (the model family's presets); an adapter created from this
     config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
     alpha for the Linears a pattern matches (same syntax as ``targets``; the first matching
-    pattern wins).
+    pattern wins). ``dora`` adds a trained magnitude per output feature (lora.dora).
     """
 
     r: int = 8
@@ -46,14 +46,16 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("auto",)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    dora: bool = False
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         check_rank(self.r)
         check_alpha(self.alpha)
         check_dropout(self.dropout)
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.targets or not all(isinstance(t, str) for t in self.targets):
             raise ValueError(f"targets must be non-empty strings (a preset, a module suffix or "
                              f"a 're:' regex), got {list(self.targets)}")

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
+from .dora import MAGNITUDE_KEY, DoRALinear, frozen_weight
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
 from .targets import (
@@ -81,6 +82,14 @@ def _make_hook(path: str, layers: list[LoRALinear]) -> Callable:
     # it, a model moved to cuda fails deep in F.linear and one moved to meta passes silently.
     if len(layers) == 1:  # the common case: no loop on the hot path
         (layer,) = layers
+        if isinstance(layer, DoRALinear):  # alone on its Linear (_check_dora_alone)
+
+            def dora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                if args[0].device != layer.A.device:
+                    raise _moved(path, layer.A.device, args[0].device, "input")
+                return layer(args[0], module.training, output, module)
+
+            return dora_hook
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if args[0].device != layer.A.device:
@@ -141,24 +150,32 @@ class LoRAInjection(nn.Module):
     ) -> AdapterSet:
         """Build adapter ``name`` from a resolved spec, optionally filling A/B from ``state``.
 
-        ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` to tensors whose shapes
-        the caller has already validated.
+        ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` (and, with DoRA,
+        ``<path>.lora_magnitude_vector``) to tensors whose shapes the caller has already validated.
         """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists; delete it first")
         layers = {}
+        kind = DoRALinear if config.dora else LoRALinear
         for path, (r, alpha) in spec.items():
             base = self._linears.get(path)
             if base is None:
                 raise KeyError(f"{path!r} is not an nn.Linear of {type(self.model).__name__}")
-            layer = LoRALinear(base.in_features, base.out_features, r, alpha, config.dropout,
-                               config.rslora, device=_device(base))
+            layer = kind(base.in_features, base.out_features, r, alpha, config.dropout,
+                         config.rslora, device=_device(base))
             if state is not None:
                 with torch.no_grad():
                     layer.A.copy_(state[f"{path}.lora_A.weight"])
                     layer.B.copy_(state[f"{path}.lora_B.weight"])
+                    if config.dora:
+                        layer.magnitude.copy_(state[f"{path}.{MAGNITUDE_KEY}"])
+            elif config.dora:
+                layer.init_magnitude(frozen_weight(base))
             layers[path] = layer
-        self.adapters[name] = AdapterSet(config, layers)
+        adapter = AdapterSet(config, layers)
+        if activate:
+            self._check_dora_alone([*self.active, name], {name: adapter})
+        self.adapters[name] = adapter
         if activate:
             self.active.append(name)
         self._refresh_hooks()
@@ -182,6 +199,7 @@ class LoRAInjection(nn.Module):
         names = list(dict.fromkeys([names] if isinstance(names, str) else names))
         for n in names:
             self._get(n)
+        self._check_dora_alone(names)
         self.unmerge([n for n in self.merged if n not in names])
         self.active = names
         self._refresh_hooks()
@@ -218,6 +236,24 @@ class LoRAInjection(nn.Module):
         for _, layer in self._get(name).items():
             layer.scale = layer.base_scale * multiplier
 
+    def _check_dora_alone(self, names: list[str], new: dict[str, AdapterSet] | None = None
+                          ) -> None:
+        """A DoRA adapter rescales its Linear's whole output, so what it computes would depend
+        on the other adapters on that Linear and their order: refuse such a set of active ones.
+        ``new``: adapters not registered yet."""
+        owners: dict[str, list[tuple[str, LoRALinear]]] = {}
+        for name in names:
+            for path, layer in ((new or {}).get(name) or self._get(name)).items():
+                owners.setdefault(path, []).append((name, layer))
+        for path, sharing in owners.items():
+            dora = [n for n, layer in sharing if isinstance(layer, DoRALinear)]
+            if dora and len(sharing) > 1:
+                other = next(n for n, _ in sharing if n != dora[0])
+                raise ValueError(
+                    f"DoRA adapter {dora[0]!r} and adapter {other!r} cannot both be active on "
+                    f"{path}: DoRA rescales the Linear's whole output, so it must be the only "
+                    "active adapter there; activate one at a time")
+
     def _get(self, name: str) -> AdapterSet:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r}; have {list(self.adapters)}")
@@ -243,6 +279,9 @@ class LoRAInjection(nn.Module):
     def merge(self, names: Iterable[str] | None = None, exact_unmerge: bool = False) -> None:
         """W += scale·B A for each named adapter (default: the active ones); idempotent.
 
+        A DoRA adapter sets W = m ⊙ (W + scale·B A) / ‖W + scale·B A‖_row instead and keeps
+        that norm (out,) for unmerge, which divides by m (a copy of W is kept if m has a zero).
+
         Merged adapters stop hooking, so inference costs exactly the base model. Only active
         adapters can be merged (an inactive one is refused: merging it would change outputs
         that ``active`` says it does not). By default unmerge subtracts in fp32 (W within two
@@ -267,9 +306,11 @@ class LoRAInjection(nn.Module):
         """Add adapter ``name`` into W, first copying W of the ``backup`` paths not yet merged."""
         for path, layer in self._get(name).items():
             weight = self._linears[path].weight
-            if path in backup and not self._merged_into(path):
+            # DoRA divides by m to unmerge: with a zero in m only a copy of W brings W back.
+            exact = path in backup or (isinstance(layer, DoRALinear) and not layer.invertible())
+            if exact and not self._merged_into(path):
                 self._backups[path] = weight.detach().clone()
-            weight.copy_(weight.float() + layer.delta_weight())  # one rounding to W's dtype
+            weight.copy_(layer.merged_weight(weight.float()))  # one rounding to W's dtype
         self.merged.append(name)
 
     @torch.no_grad()
@@ -284,7 +325,7 @@ class LoRAInjection(nn.Module):
                 if not self._merged_into(path) and path in self._backups:
                     weight.copy_(self._backups.pop(path))
                 else:
-                    weight.copy_(weight.float() - layer.delta_weight())
+                    weight.copy_(layer.unmerged_weight(weight.float()))
         self._refresh_hooks()
 
     def _refuse_quantized(self, name: str) -> None:
