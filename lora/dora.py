@@ -18,6 +18,10 @@ from .quantized_linear import QuantizedLinear
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
+class AdapterConflictError(ValueError):
+    """A DoRA adapter used together with another adapter on the same Linear."""
+
+
 def frozen_weight(linear: nn.Module) -> torch.Tensor:
     """The (out, in) weight a base Linear computes with, in fp32 (a quantized one dequantized)."""
     if isinstance(linear, QuantizedLinear):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
-from .dora import MAGNITUDE_KEY, DoRALinear, frozen_weight
+from .dora import MAGNITUDE_KEY, AdapterConflictError, DoRALinear, frozen_weight
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
 from .targets import (
@@ -82,7 +82,7 @@ def _make_hook(path: str, layers: list[LoRALinear]) -> Callable:
     # it, a model moved to cuda fails deep in F.linear and one moved to meta passes silently.
     if len(layers) == 1:  # the common case: no loop on the hot path
         (layer,) = layers
-        if isinstance(layer, DoRALinear):  # alone on its Linear (_check_dora_alone)
+        if isinstance(layer, DoRALinear):  # alone on its Linear (_dora_conflicts)
 
             def dora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
                 if args[0].device != layer.A.device:
@@ -106,6 +106,13 @@ def _make_hook(path: str, layers: list[LoRALinear]) -> Callable:
         return output
 
     return hook_many
+
+
+def _conflict_hook(why: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        raise AdapterConflictError(why)
+
+    return hook
 
 
 class LoRAInjection(nn.Module):
@@ -172,10 +179,7 @@ class LoRAInjection(nn.Module):
             elif config.dora:
                 layer.init_magnitude(frozen_weight(base))
             layers[path] = layer
-        adapter = AdapterSet(config, layers)
-        if activate:
-            self._check_dora_alone([*self.active, name], {name: adapter})
-        self.adapters[name] = adapter
+        self.adapters[name] = AdapterSet(config, layers)
         if activate:
             self.active.append(name)
         self._refresh_hooks()
@@ -199,7 +203,6 @@ class LoRAInjection(nn.Module):
         names = list(dict.fromkeys([names] if isinstance(names, str) else names))
         for n in names:
             self._get(n)
-        self._check_dora_alone(names)
         self.unmerge([n for n in self.merged if n not in names])
         self.active = names
         self._refresh_hooks()
@@ -236,23 +239,28 @@ class LoRAInjection(nn.Module):
         for _, layer in self._get(name).items():
             layer.scale = layer.base_scale * multiplier
 
-    def _check_dora_alone(self, names: list[str], new: dict[str, AdapterSet] | None = None
-                          ) -> None:
-        """A DoRA adapter rescales its Linear's whole output, so what it computes would depend
-        on the other adapters on that Linear and their order: refuse such a set of active ones.
-        ``new``: adapters not registered yet."""
+    def _dora_conflicts(self, names: list[str]) -> dict[str, str]:
+        """{path: why} for the Linears where a DoRA adapter of ``names`` meets another one.
+
+        DoRA rescales its Linear's whole output, so what it computes next to another adapter
+        would depend on their order, and merged would differ from hooked. Such a set may be
+        active (eval.py loads every adapter, then runs one at a time), but a forward pass
+        through such a Linear, or a merge, raises AdapterConflictError.
+        """
         owners: dict[str, list[tuple[str, LoRALinear]]] = {}
         for name in names:
-            for path, layer in ((new or {}).get(name) or self._get(name)).items():
+            for path, layer in self._get(name).items():
                 owners.setdefault(path, []).append((name, layer))
+        conflicts = {}
         for path, sharing in owners.items():
             dora = [n for n, layer in sharing if isinstance(layer, DoRALinear)]
             if dora and len(sharing) > 1:
                 other = next(n for n, _ in sharing if n != dora[0])
-                raise ValueError(
-                    f"DoRA adapter {dora[0]!r} and adapter {other!r} cannot both be active on "
-                    f"{path}: DoRA rescales the Linear's whole output, so it must be the only "
-                    "active adapter there; activate one at a time")
+                conflicts[path] = (
+                    f"DoRA adapter {dora[0]!r} and adapter {other!r} are both active on {path}: "
+                    "DoRA rescales the Linear's whole output, so it must be the only active "
+                    "adapter there; use one at a time")
+        return conflicts
 
     def _get(self, name: str) -> AdapterSet:
         if name not in self.adapters:
@@ -269,8 +277,10 @@ class LoRAInjection(nn.Module):
                     wanted.setdefault(path, []).append(layer)
         for handle in self._hooks.values():
             handle.remove()
+        conflicts = self._dora_conflicts(self.active)  # merged ones included: W holds them
         self._hooks = {
-            path: self._linears[path].register_forward_hook(_make_hook(path, layers))
+            path: self._linears[path].register_forward_hook(
+                _conflict_hook(conflicts[path]) if path in conflicts else _make_hook(path, layers))
             for path, layers in wanted.items()
         }
 
@@ -297,6 +307,8 @@ class LoRAInjection(nn.Module):
                                    "set_active([...]) it before merging")
             self._refuse_quantized(name)
             self._check_device(name)
+        if conflicts := self._dora_conflicts(self.active):
+            raise AdapterConflictError(next(iter(conflicts.values())))
         for name in names:
             self._fold(name, self._get(name).paths if exact_unmerge else ())
         self._refresh_hooks()

@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from tiny_runs import train_args, write_tiny_run
 from torch import nn
 
+import eval as evaluate
 import infer
 import train
 from lora import (
+    AdapterConflictError,
     AdapterFileError,
     LoRAConfig,
     LoRAInjection,
@@ -192,17 +194,27 @@ def test_quantized_base_uses_the_dequantized_weight():
         injection.merge()
 
 
-def test_dora_refuses_to_share_a_linear_with_another_active_adapter():
-    _net, injection, _ = dora_net()
-    with pytest.raises(ValueError, match="only active adapter"):
-        injection.add_adapter("plain", LoRAConfig(r=2, targets=("proj",)))
-    assert list(injection.adapters) == ["default"] and injection.active == ["default"]
-    injection.add_adapter("plain", LoRAConfig(r=2, targets=("proj",)), activate=False)
-    with pytest.raises(ValueError, match="DoRA adapter 'default' and adapter 'plain'"):
-        injection.set_active(["default", "plain"])
-    assert injection.active == ["default"]
-    injection.set_active(["plain"])  # one at a time is fine
+def test_dora_with_another_adapter_on_one_linear_is_refused_when_used():
+    net, injection, _ = dora_net()
+    injection.add_adapter("plain", LoRAConfig(r=2, targets=("proj",)))  # both active: allowed
+    x = torch.randn(2, 12)
+    w0 = net.proj.weight.detach().clone()
+    why = "DoRA adapter 'default' and adapter 'plain' are both active on proj"
+    with pytest.raises(AdapterConflictError, match=why):
+        net.proj(x)
+    with pytest.raises(AdapterConflictError, match=why):
+        injection.merge()
+    assert injection.merged == [] and torch.equal(net.proj.weight, w0)
+    injection.set_active(["plain"])  # one at a time is fine, as eval.py does
+    net.proj(x)
     injection.set_active(["default"])
+    layer = injection.adapters["default"].layers["proj"]
+    torch.testing.assert_close(net.proj(x), formula(x, w0, net.proj.bias, layer.A, layer.B,
+                                                    layer.magnitude, 2.0))
+    injection.merge()
+    injection.set_active(["default", "plain"])  # DoRA merged, plain hooked: refused too
+    with pytest.raises(AdapterConflictError):
+        net.proj(x)
 
 
 def _blip_with_dora(seed=0):
@@ -308,7 +320,7 @@ def test_peft_use_dora_without_magnitudes_is_refused(tmp_path):
         p.requires_grad for p in fresh.parameters())  # the model was left alone
 
 
-def test_train_dora_flag_end_to_end(tmp_path):
+def test_train_dora_flag_end_to_end(tmp_path, capsys):
     setup = write_tiny_run(tmp_path)
     adapter = train.main(train_args(setup, tmp_path / "run", "--epochs", "1", "--dora"))
     assert json.loads(read_metadata(adapter)["config"])["dora"] is True
@@ -317,3 +329,10 @@ def test_train_dora_flag_end_to_end(tmp_path):
     hooked = infer.main([*images, "--adapter", str(adapter)])
     merged = infer.main([*images, "--adapter", str(adapter), "--merge"])
     assert [r["caption"] for r in hooked] == [r["caption"] for r in merged]
+    plain = train.main(train_args(setup, tmp_path / "plain", "--epochs", "1"))
+    scores = evaluate.main(["--adapter", str(adapter), "--adapter", str(plain), "--eval-file",
+                            str(setup[1]), "--out-dir", str(tmp_path / "eval"), "--no-report"])
+    assert set(scores) == {"base", "run", "plain"}  # one adapter at a time: no conflict
+    with pytest.raises(SystemExit):  # both at once on the same Linears: one line, no traceback
+        infer.main([*images, "--adapter", str(adapter), "--adapter", str(plain)])
+    assert "are both active on" in capsys.readouterr().err
