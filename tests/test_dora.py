@@ -336,3 +336,14 @@ def test_train_dora_flag_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):  # both at once on the same Linears: one line, no traceback
         infer.main([*images, "--adapter", str(adapter), "--adapter", str(plain)])
     assert "are both active on" in capsys.readouterr().err
+
+
+def test_dora_run_resumes_bit_identically(tmp_path):
+    setup = write_tiny_run(tmp_path)
+    full = load_file(train.main(train_args(setup, tmp_path / "a", "--dora", "--epochs", "2")))
+    train.main(train_args(setup, tmp_path / "b", "--dora", "--epochs", "2",
+                          "--stop-after-steps", "3"))
+    resumed = load_file(train.main(train_args(setup, tmp_path / "b", "--dora", "--epochs", "2",
+                                              "--resume", "auto")))
+    assert full.keys() == resumed.keys() and any(k.endswith(MAG) for k in full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
