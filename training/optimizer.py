@@ -2,8 +2,8 @@
 
 LoRA+ (Hayou et al., 2024, arXiv:2402.12354) trains B with a larger learning rate than A:
 ``ratio × lr`` for every ``B``, ``lr`` for A and everything else (DoRA's magnitudes too).
-Weight decay is the same for all. PEFT's ``create_loraplus_optimizer`` differs there: it also
-gives 1-D parameters such as DoRA's magnitudes the B rate, without weight decay.
+Weight decay is the same for all. PEFT's ``create_loraplus_optimizer`` (peft 0.21) differs in
+one point: it gives every 1-D parameter, DoRA's magnitudes included, the B rate too.
 """
 
 from __future__ import annotations
