@@ -86,6 +86,7 @@ from training.checkpoint import (
 )
 from training.errors import RunError, exit_on_user_errors
 from training.metrics_log import MetricsLog, truncate_to
+from training.optimizer import check_lr_ratio, make_optimizer
 from training.run_dir import LOCK_NAME, clean_stale_temporaries, lock_run_dir
 from training.schedule import make_scheduler
 from training.signals import graceful_interrupts
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter start: default (A random, B zero); pissa (top-r SVD of W) or "
                         "olora (QR of W), training on the residual W - s·BA; saved converted "
                         "to a plain rank-2r LoRA for the original base (no --quantize)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train a magnitude per output feature of each adapted Linear "
+                        "(Liu et al. 2024); slower per step, as each forward renormalises W + sBA")
     g.add_argument("--targets", default="auto",
                    help="comma list of presets (vision, text, qformer, language), module "
                         "suffixes (attention.self.query) or 're:<regex>' on full module paths; "
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="fraction of optimizer steps spent in linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--loraplus-lr-ratio", type=float, default=1.0, metavar="RATIO",
+                   help="LoRA+ (Hayou et al. 2024): B learns at RATIO × --lr, A and the rest at "
+                        "--lr; the paper suggests 16 (1: plain AdamW)")
     g.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the adapter gradient norm to this (0 disables)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy smoothing")
@@ -235,6 +242,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
+    try:
+        check_lr_ratio(args.loraplus_lr_ratio)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -506,7 +517,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     targets = resolve_lora_targets(args.targets, model)
     args.targets = ",".join(targets)  # the presets used, recorded and compared on resume
     lora_cfg = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
-                          targets=targets, rank_pattern=parse_patterns(args.rank_pattern, int),
+                          dora=args.dora, targets=targets,
+                          rank_pattern=parse_patterns(args.rank_pattern, int),
                           alpha_pattern=parse_patterns(args.alpha_pattern, float),
                           trainable_tokens=trainable_tokens(args, task, train_samples, tokenizer),
                           init=args.init)
@@ -524,8 +536,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
         enable_activation_checkpointing(model)
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
         task, model, batch, device, amp_dtype, args.label_smoothing)), device)
-    optimizer = torch.optim.AdamW(injection.adapter_parameters("default"), lr=args.lr,
-                                  weight_decay=args.weight_decay)
+    optimizer = make_optimizer(injection, "default", args.lr, args.weight_decay,
+                               args.loraplus_lr_ratio)
     n_micro = -(-len(train_set) // (args.batch_size * world))  # global micro-batches per epoch
     total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
@@ -554,7 +566,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
                      dropped, pos.step)
     # The id as given plus its absolute path: the adapter finds its base from any directory.
     adapter_meta = {**base_model_metadata(args.model), "task": task.name, "prompt": args.prompt,
-                    "trained_on_quantization": args.quantize}
+                    "trained_on_quantization": args.quantize,
+                    "loraplus_lr_ratio": str(args.loraplus_lr_ratio)}
     log.info("%s | %d train / %d val samples | global batch %d (%d per process × %d accumulated "
              "× %d processes) | %d optimizer steps | %s", injection.describe(), len(train_samples),
              len(val_samples), config["global_batch"], args.batch_size, args.grad_accum, world,

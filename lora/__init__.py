@@ -11,6 +11,7 @@ from .adapter_file import (
     save_adapter,
 )
 from .config import LoRAConfig
+from .dora import AdapterConflictError, DoRALinear
 from .injection import LoRAInjection, inject_lora
 from .layer import LoRALinear
 from .peft_format import load_peft, save_peft
@@ -27,7 +28,9 @@ from .targets import PRESETS, select_targets
 __all__ = [
     "PRESETS",
     "QUANT_MODES",
+    "AdapterConflictError",
     "AdapterFileError",
+    "DoRALinear",
     "LoRAConfig",
     "LoRAInjection",
     "LoRALinear",

@@ -2,7 +2,8 @@
 
 Keys are ``<module path>.lora_A.weight`` (r, in) and ``<module path>.lora_B.weight`` (out, r),
 fp32; with trainable token rows also ``<embedding path>.token_rows.delta`` (k, dim), the ids in
-the config's ``trainable_tokens``. Metadata (all strings, as safetensors requires):
+the config's ``trainable_tokens``; a DoRA adapter adds ``<module path>.lora_magnitude_vector``
+(out,). Metadata (all strings, as safetensors requires):
   format="pt", lora_vlm_format=FORMAT_VERSION, config (LoRAConfig JSON), modules (JSON
   {path: [r, alpha]}), base_model, base_fingerprint, versions (JSON), plus caller extras.
 Loading checks everything before it touches the model, so a bad file changes nothing: the
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig, check_alpha, check_rank
+from .dora import MAGNITUDE_KEY, DoRALinear
 from .init_methods import Factors, saved_form
 from .injection import AdapterSet, AdapterSpec, LoRAInjection
 from .quantized_linear import QuantizedLinear
@@ -132,6 +134,13 @@ def token_rows_state(adapter: AdapterSet, name: str) -> dict[str, torch.Tensor]:
     return {} if rows is None else finite_copies([(rows.key, rows.delta)], name)
 
 
+def magnitude_state(adapter: AdapterSet, name: str) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude vectors under their file keys ({} for a plain LoRA adapter)."""
+    return finite_copies(((f"{path}.{MAGNITUDE_KEY}", layer.magnitude)
+                          for path, layer in adapter.items() if isinstance(layer, DoRALinear)),
+                         name)
+
+
 def save_adapter(
     injection: LoRAInjection,
     path: str | Path,
@@ -145,7 +154,7 @@ def save_adapter(
     config, factors, converted = saved_form(adapter)
     return write_adapter(path, config, factors, name, base_fingerprint(injection.model),
                          base_model, {**converted, **dict(extra or {})},
-                         token_rows_state(adapter, name))
+                         {**magnitude_state(adapter, name), **token_rows_state(adapter, name)})
 
 
 def write_adapter(path: str | Path, config: LoRAConfig, factors: Factors, name: str,
@@ -197,12 +206,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
-                   tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Keys exactly match ``spec``; every path is a Linear of the model; shapes fit it; every
-    tensor is floating point and finite."""
+                   tensors: Mapping[str, torch.Tensor], source: str, dora: bool = False) -> None:
+    """Keys exactly match ``spec`` (plus DoRA's magnitudes with ``dora``); every path is a Linear
+    of the model; shapes fit it; every tensor is floating point and finite."""
     if not spec:
         raise AdapterFileError(f"{source}: holds no adapter modules")
     expected = {f"{p}.lora_{ab}.weight" for p in spec for ab in "AB"}
+    expected |= {f"{p}.{MAGNITUDE_KEY}" for p in spec} if dora else set()
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing:
         raise AdapterFileError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing)")
@@ -215,8 +225,11 @@ def validate_state(model_linears: Mapping[str, nn.Linear], spec: AdapterSpec,
             raise AdapterFileError(
                 f"{source}: key {path + '.lora_A.weight'!r} names {path!r}, which is not an "
                 "nn.Linear of this model (wrong base model?)")
-        for ab, shape in (("A", (r, base.in_features)), ("B", (base.out_features, r))):
-            key = f"{path}.lora_{ab}.weight"
+        shapes = {f"{path}.lora_A.weight": (r, base.in_features),
+                  f"{path}.lora_B.weight": (base.out_features, r)}
+        if dora:
+            shapes[f"{path}.{MAGNITUDE_KEY}"] = (base.out_features,)
+        for key, shape in shapes.items():
             if tuple(tensors[key].shape) != shape:
                 raise AdapterFileError(
                     f"{source}: key {key!r} has shape {tuple(tensors[key].shape)}, this model "
@@ -327,7 +340,7 @@ def load_adapter(
     tensors, meta = read_adapter_file(path)
     config, spec = _parse_metadata(meta, str(path))
     validate_state(linear_modules(model), spec, split_token_rows(model, config, tensors, str(path)),
-                   str(path))
+                   str(path), config.dora)
     saved_fp = meta.get("base_fingerprint")
     if saved_fp and saved_fp != base_fingerprint(model):
         log.warning("%s was trained on a base with fingerprint %s (%s); this model's is %s: "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter_file import read_adapter, write_adapter
+from .adapter_file import read_adapter, read_metadata, write_adapter
 from .config import LoRAConfig
 from .init_methods import Factors
 from .injection import AdapterSet, LoRAInjection
@@ -93,7 +93,16 @@ def combine(adapters: Sequence[Scaled], weights: Sequence[float], method: str = 
     return out
 
 
+def _refuse_variants(config: LoRAConfig, source: str) -> None:
+    """Weighted sums are defined on (A, B) pairs: DoRA magnitudes and token rows have none."""
+    if config.dora or config.trainable_tokens:
+        what = "a DoRA adapter" if config.dora else "an adapter with trainable token rows"
+        raise ValueError(f"{source} is {what}: adapter arithmetic combines plain LoRA adapters "
+                         "only")
+
+
 def _scaled(adapter: AdapterSet) -> Scaled:
+    _refuse_variants(adapter.config, "adapter")
     if adapter.initial:
         raise ValueError("a PiSSA/OLoRA adapter is a delta on the residual base: convert it "
                          "first (lora.init_methods.to_plain)")
@@ -121,6 +130,12 @@ def add_weighted_adapter(injection: LoRAInjection, names: Sequence[str],
 
 
 def _read(path: str) -> tuple[Scaled, LoRAConfig, dict[str, str]]:
+    try:  # before read_adapter, which would call a DoRA magnitude an unexpected key
+        saved = LoRAConfig.from_dict(json.loads(read_metadata(path)["config"]))
+    except (KeyError, TypeError, ValueError):
+        saved = None  # a malformed file: read_adapter says what is wrong with it
+    if saved is not None:
+        _refuse_variants(saved, str(path))
     config, spec, tensors, meta = read_adapter(path)
     root = math.sqrt if config.rslora else float
     scaled = {p: (tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"], alpha / root(r))

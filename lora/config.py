@@ -32,12 +32,12 @@ def check_dropout(p: Any, what: str = "dropout") -> float:
 # How an adapter starts: "default" (A kaiming, B zeros) or from the base weight (lora.init_methods).
 INIT_METHODS = ("default", "pissa", "olora")
 # Fields added by LoRA variants; saved only when not at their default (see to_dict).
-VARIANT_FIELDS = ("trainable_tokens", "init")
+VARIANT_FIELDS = ("trainable_tokens", "init", "dora")
 
 
 @dataclass
 class LoRAConfig:
-    """Rank, alpha, dropout, rsLoRA and which Linears get an adapter (see lora.targets).
+    """Rank, alpha, dropout, rsLoRA, DoRA and which Linears get an adapter (see lora.targets).
 
     ``targets`` defaults to ``auto`` (the model family's presets); an adapter created from this
     config stores the resolved names instead. ``rank_pattern`` / ``alpha_pattern`` override r /
@@ -45,6 +45,7 @@ class LoRAConfig:
     pattern wins). ``trainable_tokens`` also trains those rows of the token embedding (and of
     the LM head tied to it), see lora.token_rows. ``init`` "pissa" / "olora" starts the adapter
     from the base weight, which holds the residual while training (lora.init_methods).
+    ``dora`` adds a trained magnitude per output feature (lora.dora).
     """
 
     r: int = 8
@@ -56,6 +57,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     trainable_tokens: tuple[int, ...] = ()  # token ids whose embedding rows train (token_rows)
     init: str = "default"
+    dora: bool = False
 
     def __post_init__(self) -> None:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -67,10 +69,14 @@ class LoRAConfig:
         check_rank(self.r)
         check_alpha(self.alpha)
         check_dropout(self.dropout)
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be true or false, got {self.rslora!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+        if self.dora and self.init != "default":
+            raise ValueError(f"DoRA with init {self.init!r} is not supported: the conversion "
+                             "for the original base is defined for plain LoRA only")
         if not self.targets or not all(isinstance(t, str) for t in self.targets):
             raise ValueError(f"targets must be non-empty strings (a preset, a module suffix or "
                              f"a 're:' regex), got {list(self.targets)}")

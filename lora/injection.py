@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import LoRAConfig
+from .dora import MAGNITUDE_KEY, AdapterConflictError, DoRALinear, frozen_weight
 from .init_methods import initialise_from_weights
 from .layer import LoRALinear
 from .quantized_linear import QuantizedLinear
@@ -86,6 +87,14 @@ def _make_hook(path: str, layers: list[LoRALinear]) -> Callable:
     # it, a model moved to cuda fails deep in F.linear and one moved to meta passes silently.
     if len(layers) == 1:  # the common case: no loop on the hot path
         (layer,) = layers
+        if isinstance(layer, DoRALinear):  # alone on its Linear (_dora_conflicts)
+
+            def dora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                if args[0].device != layer.A.device:
+                    raise _moved(path, layer.A.device, args[0].device, "input")
+                return layer(args[0], module.training, output, module)
+
+            return dora_hook
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if args[0].device != layer.A.device:
@@ -102,6 +111,13 @@ def _make_hook(path: str, layers: list[LoRALinear]) -> Callable:
         return output
 
     return hook_many
+
+
+def _conflict_hook(why: str) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        raise AdapterConflictError(why)
+
+    return hook
 
 
 class LoRAInjection(nn.Module):
@@ -157,8 +173,9 @@ class LoRAInjection(nn.Module):
     ) -> AdapterSet:
         """Build adapter ``name`` from a resolved spec, optionally filling A/B from ``state``.
 
-        ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` to tensors whose shapes
-        the caller has already validated (and the token rows' key, with trainable_tokens).
+        ``state`` maps ``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` (and, with DoRA,
+        ``<path>.lora_magnitude_vector``; with trainable_tokens, the token rows' key) to tensors
+        whose shapes the caller has already validated.
         """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists; delete it first")
@@ -168,16 +185,21 @@ class LoRAInjection(nn.Module):
             with torch.no_grad():
                 rows.delta.copy_(state[rows.key])
         layers = {}
+        kind = DoRALinear if config.dora else LoRALinear
         for path, (r, alpha) in spec.items():
             base = self._linears.get(path)
             if base is None:
                 raise KeyError(f"{path!r} is not an nn.Linear of {type(self.model).__name__}")
-            layer = LoRALinear(base.in_features, base.out_features, r, alpha, config.dropout,
-                               config.rslora, device=_device(base))
+            layer = kind(base.in_features, base.out_features, r, alpha, config.dropout,
+                         config.rslora, device=_device(base))
             if state is not None:
                 with torch.no_grad():
                     layer.A.copy_(state[f"{path}.lora_A.weight"])
                     layer.B.copy_(state[f"{path}.lora_B.weight"])
+                    if config.dora:
+                        layer.magnitude.copy_(state[f"{path}.{MAGNITUDE_KEY}"])
+            elif config.dora:
+                layer.init_magnitude(frozen_weight(base))
             layers[path] = layer
         self.adapters[name] = AdapterSet(config, layers)
         self.adapters[name].token_rows = rows
@@ -257,6 +279,28 @@ class LoRAInjection(nn.Module):
         """The original weights of ``paths`` that replace_base_weight replaced, bit-exact."""
         for path in [p for p in paths if p in self._originals]:
             self._linears[path].weight.copy_(self._originals.pop(path))
+    def _dora_conflicts(self, names: list[str]) -> dict[str, str]:
+        """{path: why} for the Linears where a DoRA adapter of ``names`` meets another one.
+
+        DoRA rescales its Linear's whole output, so what it computes next to another adapter
+        would depend on their order, and merged would differ from hooked. Such a set may be
+        active (eval.py loads every adapter, then runs one at a time), but a forward pass
+        through such a Linear, or a merge, raises AdapterConflictError.
+        """
+        owners: dict[str, list[tuple[str, LoRALinear]]] = {}
+        for name in names:
+            for path, layer in self._get(name).items():
+                owners.setdefault(path, []).append((name, layer))
+        conflicts = {}
+        for path, sharing in owners.items():
+            dora = [n for n, layer in sharing if isinstance(layer, DoRALinear)]
+            if dora and len(sharing) > 1:
+                other = next(n for n, _ in sharing if n != dora[0])
+                conflicts[path] = (
+                    f"DoRA adapter {dora[0]!r} and adapter {other!r} are both active on {path}: "
+                    "DoRA rescales the Linear's whole output, so it must be the only active "
+                    "adapter there; use one at a time")
+        return conflicts
 
     def _get(self, name: str) -> AdapterSet:
         if name not in self.adapters:
@@ -273,8 +317,10 @@ class LoRAInjection(nn.Module):
                     wanted.setdefault(path, []).append(layer)
         for handle in [*self._hooks.values(), *self._token_hooks]:
             handle.remove()
+        conflicts = self._dora_conflicts(self.active)  # merged ones included: W holds them
         self._hooks = {
-            path: self._linears[path].register_forward_hook(_make_hook(path, layers))
+            path: self._linears[path].register_forward_hook(
+                _conflict_hook(conflicts[path]) if path in conflicts else _make_hook(path, layers))
             for path, layers in wanted.items()
         }
         self._token_hooks = [h for name in self.active if name not in self.merged
@@ -285,6 +331,9 @@ class LoRAInjection(nn.Module):
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None, exact_unmerge: bool = False) -> None:
         """W += scale·B A for each named adapter (default: the active ones); idempotent.
+
+        A DoRA adapter sets W = m ⊙ (W + scale·B A) / ‖W + scale·B A‖_row instead and keeps
+        that norm (out,) for unmerge, which divides by m (a copy of W is kept if m has a zero).
 
         Merged adapters stop hooking, so inference costs exactly the base model. Only active
         adapters can be merged (an inactive one is refused: merging it would change outputs
@@ -301,6 +350,8 @@ class LoRAInjection(nn.Module):
                                    "set_active([...]) it before merging")
             self._refuse_quantized(name)
             self._check_device(name)
+        if conflicts := self._dora_conflicts(self.active):
+            raise AdapterConflictError(next(iter(conflicts.values())))
         for name in names:
             self._fold(name, self._get(name).paths if exact_unmerge else ())
         self._refresh_hooks()
@@ -310,9 +361,11 @@ class LoRAInjection(nn.Module):
         """Add adapter ``name`` into W, first copying W of the ``backup`` paths not yet merged."""
         for path, layer in self._get(name).items():
             weight = self._linears[path].weight
-            if path in backup and not self._merged_into(path):
+            # DoRA divides by m to unmerge: with a zero in m only a copy of W brings W back.
+            exact = path in backup or (isinstance(layer, DoRALinear) and not layer.invertible())
+            if exact and not self._merged_into(path):
                 self._backups[path] = weight.detach().clone()
-            weight.copy_(weight.float() + layer.delta_weight())  # one rounding to W's dtype
+            weight.copy_(layer.merged_weight(weight.float()))  # one rounding to W's dtype
         if (rows := self._get(name).token_rows) is not None:
             rows.merge_into(self.model)
         self.merged.append(name)
@@ -329,7 +382,7 @@ class LoRAInjection(nn.Module):
                 if not self._merged_into(path) and path in self._backups:
                     weight.copy_(self._backups.pop(path))
                 else:
-                    weight.copy_(weight.float() - layer.delta_weight())
+                    weight.copy_(layer.unmerged_weight(weight.float()))
             if (rows := self._get(name).token_rows) is not None:
                 rows.unmerge_from(self.model)
         self._refresh_hooks()

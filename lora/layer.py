@@ -70,6 +70,14 @@ class LoRALinear(nn.Module):
         """The (out, in) matrix ``scale · B A`` in fp32, as merged into the base weight."""
         return (self.B @ self.A) * self.scale
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 base ``weight`` with this adapter folded in: W + scale·B A."""
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of merged_weight, up to rounding: W' - scale·B A."""
+        return weight - self.delta_weight()
+
     def extra_repr(self) -> str:
         rs = ", rslora" if self.rslora else ""
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "

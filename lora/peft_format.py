@@ -2,11 +2,12 @@
 
 Layout (PEFT's documented format): ``adapter_config.json`` + ``adapter_model.safetensors`` with
 keys ``base_model.model.<module path>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r) and
-metadata ``{"format": "pt"}``. Trainable token rows: ``trainable_token_indices`` {embedding
-path: ids} and ``base_model.model.<embedding path>.token_adapter.trainable_tokens_delta`` (k, dim)
-holding the new rows W[ids] + delta, not the delta (peft 0.21 TrainableTokensLayer).
-Per-module ranks/alphas that differ from ``r`` / ``lora_alpha``
-go to ``rank_pattern`` / ``alpha_pattern``. peft >= 0.15 matches their keys as regexes,
+metadata ``{"format": "pt"}``; DoRA (``use_dora``) adds ``.lora_magnitude_vector`` (out,).
+Trainable token rows: ``trainable_token_indices`` {embedding path: ids} and
+``base_model.model.<embedding path>.token_adapter.trainable_tokens_delta`` (k, dim) holding the
+new rows W[ids] + delta, not the delta (peft 0.21 TrainableTokensLayer).
+Per-module ranks/alphas that differ from ``r`` / ``lora_alpha`` go to ``rank_pattern`` /
+``alpha_pattern``. peft >= 0.15 matches their keys as regexes,
 ``re.match(rf"(.*\\.)?({key})$", module_path)``, first key wins; older peft looks a module's
 full path up literally. We write plain full paths, which both read the same way, and check
 that no key also selects another Linear. Reading follows peft >= 0.15.
@@ -28,6 +29,7 @@ from .adapter_file import (
     AdapterFileError,
     atomic_save_tensors,
     factors_state,
+    magnitude_state,
     read_adapter_file,
     token_rows_state,
     validate_state,
@@ -53,10 +55,10 @@ _INERT = frozenset({
     "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
 })
 _READ = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
-                   "alpha_pattern", "init_lora_weights", "trainable_token_indices"})
+                   "alpha_pattern", "init_lora_weights", "trainable_token_indices",
+                   "use_dora"})
 # Fields that change the maths or add tensors, accepted only when off; why, for the message.
 _REFUSED = {
-    "use_dora": "DoRA renormalises the adapted weight and scales it by a trained vector",
     "bias": "PEFT trained the base model's biases too and saved them beside the adapter",
     "fan_in_fan_out": "the weights are stored (in, out), for GPT-2-style Conv1D layers",
     "modules_to_save": "whole modules were trained and saved beside the adapter",
@@ -130,7 +132,7 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
-        "use_dora": False,
+        "use_dora": cfg.dora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -141,7 +143,8 @@ def save_peft(injection: LoRAInjection, out_dir: str | Path, name: str = "defaul
         "layers_to_transform": None,
         "inference_mode": True,
     }
-    state = {PREFIX + k: v for k, v in factors_state(factors, name).items()}
+    state = {PREFIX + k: v for k, v in {**factors_state(factors, name),
+                                        **magnitude_state(adapter, name)}.items()}
     if (rows := adapter.token_rows) is not None:
         delta = token_rows_state(adapter, name)[rows.key]  # fp32, checked finite
         config["trainable_token_indices"] = {rows.embedding: rows.ids.tolist()}
@@ -226,7 +229,7 @@ def _check_supported(config: dict, source: str) -> None:
             continue
         if key in _REFUSED and not _is_off(value):
             raise AdapterFileError(f"{source}: {key}={value!r} is not supported "
-                                   f"({_REFUSED[key]}; lora-vlm computes plain LoRA only)")
+                                   f"({_REFUSED[key]}; lora-vlm computes LoRA and DoRA only)")
         if key not in _REFUSED and not _is_off(value):
             raise AdapterFileError(
                 f"{source}: {key}={value!r} is a setting lora-vlm does not know (written by "
@@ -292,11 +295,13 @@ def _read_config(config_path: Path) -> tuple[dict, LoRAConfig]:
                        "a number in [0, 1)", 0.0)
     rslora = _setting(config, "use_rslora", source, lambda v: isinstance(v, bool), "true/false",
                       False)
+    dora = _setting(config, "use_dora", source, lambda v: isinstance(v, bool), "true/false", False)
     patterns = {"rank_pattern": _patterns(config, "rank_pattern", source, _is_rank,
                                           "a positive integer"),
                 "alpha_pattern": _patterns(config, "alpha_pattern", source, _is_real,
                                            "a finite number")}
-    return patterns, LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora)
+    return patterns, LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), rslora=rslora,
+                                dora=dora)
 
 
 def _token_rows_state(model: nn.Module, ids: list[int], tensors: dict[str, torch.Tensor],
@@ -331,8 +336,9 @@ def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str =
     """Import a PEFT LoRA directory into a model or injection, validated like load_adapter.
 
     Refuses, before the model changes, configs that are incomplete or malformed, that use
-    settings changing the maths (DoRA, trained biases...), or whose adapter fits only a base
-    PEFT modified at initialisation (PiSSA, OLoRA, CorDA, LoRA-GA unless converted; LoftQ).
+    settings changing the maths (trained biases, fan_in_fan_out...), or whose adapter fits
+    only a base PEFT modified at initialisation (PiSSA, OLoRA, CorDA, LoRA-GA unless
+    converted; LoftQ).
     """
     in_dir = Path(in_dir)
     config_path, weights_path = in_dir / CONFIG_NAME, in_dir / WEIGHTS_NAME
@@ -360,7 +366,7 @@ def load_peft(target: nn.Module | LoRAInjection, in_dir: str | Path, name: str =
             raise AdapterFileError(f"{config_path}: {said} for {p!r}, but its lora_A in "
                                    f"{weights_path} has rank {a.shape[0]}")
         spec[p] = (r, float(_pattern_value(p, patterns["alpha_pattern"], cfg.alpha)))
-    validate_state(linears, spec, tensors, str(weights_path))
+    validate_state(linears, spec, tensors, str(weights_path), cfg.dora)
     cfg.targets, cfg.trainable_tokens = tuple(paths), tuple(sorted(token_ids))
     injection = target if isinstance(target, LoRAInjection) else LoRAInjection(model)
     injection.attach(name, cfg, spec, {**tensors, **rows_state}, activate=activate)

@@ -227,7 +227,7 @@ def test_peft_import_accepts_inits_that_leave_the_base_alone(tmp_path, batch, in
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("fan_in_fan_out", True),
+    ("bias", "all"), ("bias", "lora_only"), ("fan_in_fan_out", True),
     ("modules_to_save", ["text_decoder.cls"]), ("trainable_token_indices", [3, 4]),
     ("layer_replication", [[0, 2], [1, 2]]), ("lora_bias", True),
     ("megatron_config", {"tensor_model_parallel_size": 1}), ("use_qalora", True),

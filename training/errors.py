@@ -32,11 +32,12 @@ class RunError(SystemExit):
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Imported here: each module owns its error type, and this one must import cheaply.
     from data.formats import DataFormatError
-    from lora import AdapterFileError
+    from lora import AdapterConflictError, AdapterFileError
     from training.checkpoint import CheckpointError
     from training.run_dir import RunDirError
 
-    return RunError, DataFormatError, AdapterFileError, CheckpointError, RunDirError
+    return (RunError, DataFormatError, AdapterFileError, AdapterConflictError, CheckpointError,
+            RunDirError)
 
 
 def _stop(prog: str, message: str, error: BaseException, debug: bool) -> RunError:
