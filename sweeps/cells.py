@@ -100,13 +100,14 @@ def reap(proc: subprocess.Popen) -> tuple[int, float | None]:
 
 
 def results(folder: Path) -> dict[str, Any]:
-    """Exact match (adapter and base, from eval.json), best validation loss, trainable
-    parameters and training seconds of a finished run folder."""
+    """Exact match (adapter and base, from eval.json; the adapter's per split too), best
+    validation loss, trainable parameters and training seconds of a finished run folder."""
     scores = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").is_file() \
         else {}
     val = [v for _, v in read_metrics(folder / "metrics.jsonl")["val_loss"]]
     return {"exact_match": scores.get("adapter", {}).get("all"),
             "base_exact_match": scores.get("base", {}).get("all"),
+            "exact_match_by_split": scores.get("adapter", {}),  # the data's split field too
             "best_val_loss": min(val) if val else None,
             "trainable_params": trainable_params(folder / ADAPTER),
             "train_s": round(training_seconds(folder / "metrics.jsonl"), 1)}
