@@ -11,7 +11,8 @@ folder under --sweep-dir, named from its settings (r=4_targets=vision,text), its
 
 Resumable: rerunning the same command skips finished cells (their sweep_cell.json exists) and
 continues an interrupted cell from its newest checkpoint (train.py --resume auto). Ctrl-C stops
-the running cell at a checkpoint and the sweep.
+the running cell at a checkpoint and the sweep. A cell that fails is reported with train.py's
+error and the others still run; the sweep then exits 1, and rerunning retries it.
 
 Written to --sweep-dir: sweep.md and sweep.json (per cell: exact match on the eval set, best
 validation loss, trainable parameters from the adapter file, training time from metrics.jsonl,
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False,  # --r must not abbreviate a sweep flag
                                 usage="%(prog)s [--sweep-dir DIR] [--dry-run] --FLAG VALUE "
                                       "[VALUE ...] [--FLAG ...] [-- TRAIN_FLAGS ...]")
-    p.add_argument("--sweep-dir", default=str(ROOT / "runs" / "sweep"),
+    p.add_argument("--sweep-dir", default=str(ROOT / "runs" / "sweep"), metavar="DIR",
                    help="folder of the cells and the reports; rerun with the same folder to "
                         "resume (default: runs/sweep)")
     p.add_argument("--dry-run", action="store_true",

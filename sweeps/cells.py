@@ -24,6 +24,7 @@ from evaluation.curves import read_metrics
 from sweeps.grid import Cell, GridError
 from training.checkpoint import ADAPTER
 from training.metrics_log import is_step_record, read_records
+from training.run_dir import LOCK_NAME
 
 MARKER = "sweep_cell.json"
 
@@ -49,7 +50,7 @@ def finished_record(folder: Path, cell: Cell) -> dict[str, Any] | None:
 def run_cell(cell: Cell, folder: Path, log_path: Path, train_py: Path) -> dict[str, Any]:
     """Train the cell into ``folder`` (resuming an interrupted attempt), then write and return
     its results; CellFailed if train.py fails."""
-    resumed = folder.is_dir() and any(folder.iterdir())
+    resumed = folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
     cmd = [sys.executable, str(train_py), *cell.train_args, "--output-dir", str(folder),
            *(["--resume", "auto"] if resumed else [])]
     log_path.parent.mkdir(parents=True, exist_ok=True)

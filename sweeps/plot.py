@@ -24,13 +24,16 @@ Point = tuple[float, float, str]  # (trainable parameters, metric, label)
 class LogXAxes:
     """Pixel positions of the plot area: x on a log10 scale, y linear."""
 
-    def __init__(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+    def __init__(self, xs: Sequence[float], ys: Sequence[float],
+                 y_range: tuple[float, float] | None = None) -> None:
         lo, hi = math.log10(min(xs)), math.log10(max(xs))
         pad = max((hi - lo) * 0.08, 0.15)  # a single x still gets a visible range
         self.x_lo, self.x_hi = lo - pad, hi + pad
-        y_lo, y_hi = min(ys), max(ys)
-        pad = (y_hi - y_lo) * 0.08 or max(abs(y_hi) * 0.1, 0.05)
+        y_lo, y_hi = y_range or (min(ys), max(ys))
+        pad = (y_hi - y_lo) * 0.04 or max(abs(y_hi) * 0.1, 0.05)
         self.y_lo, self.y_hi = y_lo - pad, y_hi + pad
+        self.y_ticks = [y_lo + i * (y_hi - y_lo) / 4 for i in range(5)] if y_hi > y_lo \
+            else [y_lo]
         self.left, self.right = LEFT, WIDTH - RIGHT
         self.top, self.bottom = TOP, HEIGHT - BOTTOM
 
@@ -57,12 +60,14 @@ def short_count(n: float) -> str:
     return f"{n:g}"
 
 
-def plot_sweep(series: dict[str, list[Point]], y_label: str, out: Path) -> Path:
-    """Write the PNG: each series a coloured line through its points, a legend on the right."""
+def plot_sweep(series: dict[str, list[Point]], y_label: str, out: Path,
+               y_range: tuple[float, float] | None = None) -> Path:
+    """Write the PNG: each series a coloured line through its points, a legend on the right;
+    the y axis spans ``y_range`` (default: the data's range)."""
     points = [p for pts in series.values() for p in pts]
     if not points:
         raise ValueError("no finished cells to plot")
-    axes = LogXAxes([p[0] for p in points], [p[1] for p in points])
+    axes = LogXAxes([p[0] for p in points], [p[1] for p in points], y_range)
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle((axes.left, axes.top, axes.right, axes.bottom), outline="black")
@@ -73,9 +78,9 @@ def plot_sweep(series: dict[str, list[Point]], y_label: str, out: Path) -> Path:
         draw.line((x, axes.bottom, x, axes.bottom + 5), fill="black")
         draw.text((x - 10, axes.bottom + 8), short_count(tick), fill="black")
     draw.text((axes.right - 130, axes.bottom + 28), "trainable parameters", fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        y_val = axes.y_lo + frac * (axes.y_hi - axes.y_lo)
+    for y_val in axes.y_ticks:
         _, y = axes.px(10.0**axes.x_lo, y_val)
+        draw.line((axes.left, y, axes.right, y), fill=(225, 225, 225))
         draw.text((6, y - 6), f"{y_val:.3g}", fill="black")
     for i, (name, pts) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]

@@ -74,7 +74,8 @@ def write_reports(records: list[dict[str, Any]], sweep_dir: Path, command: str) 
     js = sweep_dir / "sweep.json"
     js.write_text(json.dumps({"command": command, "cells": records}, indent=2) + "\n")
     key, label = plot_metric(records)
-    png = plot_sweep(series(records, key), label, sweep_dir / "sweep.png")
+    png = plot_sweep(series(records, key), label, sweep_dir / "sweep.png",
+                     (0.0, 100.0) if key == "exact_match" else None)
     page = write_html(records, sweep_dir / "index.html", command, png.name)
     return [md, js, png, page]
 
