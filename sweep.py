@@ -24,7 +24,6 @@ combination of the other axes) and index.html with both.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from pathlib import Path
@@ -35,7 +34,6 @@ from sweeps.grid import Cell, GridError, check_cells, make_axes, make_cells
 from sweeps.report import COLUMNS, write_reports
 from training.errors import RunError, exit_on_user_errors
 
-log = logging.getLogger("sweep")
 EXIT_CELLS_FAILED = 1
 
 
@@ -121,7 +119,6 @@ def run_sweep(args: argparse.Namespace, cells: list[Cell], command: str) -> int:
 
 def main(argv: list[str]) -> int:
     """Plan the grid, then run it (or list it with --dry-run)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_errors("sweep.py"):
         args, cells = plan(argv)
         if args.dry_run:

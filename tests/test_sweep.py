@@ -12,6 +12,7 @@ import train
 from sweeps.cells import MARKER, training_seconds
 from sweeps.grid import GridError, make_axes, make_cells, safe_name
 from sweeps.plot import COLOURS, LogXAxes, plot_sweep
+from sweeps.report import plot_metric, series
 
 
 def shared_flags(setup, eval_file) -> list[str]:
@@ -175,3 +176,19 @@ def test_plot_x_axis_is_logarithmic(tmp_path):
     for x, y, colour in ((10, 0.0, COLOURS[0]), (1000, 1.0, COLOURS[0]), (100, 0.5, COLOURS[1])):
         px, py = axes.px(x, y)
         assert image.getpixel((round(px), round(py))) == colour
+
+
+def test_series_group_by_the_other_axes_and_fall_back_to_val_loss():
+    def record(r, targets, em, val):
+        return {"settings": {"r": r, "targets": targets}, "exact_match": em,
+                "best_val_loss": val, "trainable_params": 10 * int(r)}
+
+    records = [record("1", "text", 0.5, 2.0), record("4", "text", 0.75, 1.0),
+               record("1", "vision", 0.25, 3.0)]
+    assert plot_metric(records) == ("exact_match", "exact match (%)")
+    assert series(records, "exact_match") == {
+        "targets=text": [(10, 50.0, "r=1"), (40, 75.0, "r=4")],
+        "targets=vision": [(10, 25.0, "r=1")]}
+    records[2]["exact_match"] = None  # a cell scored on no eval set: every cell plots val loss
+    assert plot_metric(records) == ("best_val_loss", "best validation loss")
+    assert series(records, "best_val_loss")["targets=vision"] == [(10, 3.0, "r=1")]
