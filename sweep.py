@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from cli import ROOT, HelpFormatter
+from cli.flags import add_debug_flag
 from sweeps.cells import CellFailed, finished_record, run_cell
 from sweeps.grid import Cell, GridError, check_cells, make_axes, make_cells
 from sweeps.report import COLUMNS, write_reports
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume (default: runs/sweep)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells and their train.py flags, run nothing")
+    add_debug_flag(p)  # sweep.py's own; after '--', --debug goes to every train.py
     return p
 
 
@@ -59,11 +61,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def plan(argv: list[str]) -> tuple[argparse.Namespace, list[Cell]]:
-    """Flags and the checked cells; a bad grid is a one-line RunError before anything runs."""
-    own, shared = split_argv(argv)
-    args, axis_words = build_parser().parse_known_args(own)
-    import train  # its parser checks every cell's flags; loads torch, so only once it is needed
+def plan(axis_words: list[str], shared: list[str]) -> list[Cell]:
+    """The checked cells; a bad grid is a one-line RunError before anything runs."""
+    # train.py's own parser checks every cell's flags. The one entry point importing another:
+    # train.py's flags are not in cli/ yet. Imported here, as it loads torch.
+    import train
 
     try:
         axes = make_axes(axis_words, train.build_parser())
@@ -71,7 +73,7 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, list[Cell]]:
         check_cells(cells, train.parse_args)
     except GridError as e:
         raise RunError(str(e)) from None
-    return args, cells
+    return cells
 
 
 def progress(i: int, n: int, cell: Cell, text: str) -> None:
@@ -119,8 +121,10 @@ def run_sweep(args: argparse.Namespace, cells: list[Cell], command: str) -> int:
 
 def main(argv: list[str]) -> int:
     """Plan the grid, then run it (or list it with --dry-run)."""
-    with exit_on_user_errors("sweep.py"):
-        args, cells = plan(argv)
+    own, shared = split_argv(argv)
+    args, axis_words = build_parser().parse_known_args(own)
+    with exit_on_user_errors("sweep.py", debug=args.debug):
+        cells = plan(axis_words, shared)
         if args.dry_run:
             for i, cell in enumerate(cells, 1):
                 progress(i, len(cells), cell, shlex.join(["train.py", *cell.train_args]))
