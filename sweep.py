@@ -63,14 +63,13 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def plan(axis_words: list[str], shared: list[str]) -> list[Cell]:
     """The checked cells; a bad grid is a one-line RunError before anything runs."""
-    # train.py's own parser checks every cell's flags. The one entry point importing another:
-    # train.py's flags are not in cli/ yet. Imported here, as it loads torch.
-    import train
+    # train.py's own parser checks every cell's flags. Imported here, as it loads torch.
+    from cli.train_flags import build_parser, parse_args
 
     try:
-        axes = make_axes(axis_words, train.build_parser())
-        cells = make_cells(axes, shared, train.build_parser())
-        check_cells(cells, train.parse_args)
+        axes = make_axes(axis_words, build_parser())
+        cells = make_cells(axes, shared, build_parser())
+        check_cells(cells, parse_args)
     except GridError as e:
         raise RunError(str(e)) from None
     return cells

@@ -8,7 +8,7 @@ from PIL import Image
 from tiny_runs import train_args, write_tiny_run
 
 import sweep
-import train
+from cli import train_flags
 from sweeps.cells import MARKER, training_seconds
 from sweeps.grid import GridError, make_axes, make_cells, safe_name
 from sweeps.plot import COLOURS, LogXAxes, plot_sweep
@@ -129,7 +129,7 @@ def test_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, argv, messa
 
 
 def test_grid_order_values_with_commas_and_boolean_flags():
-    parser = train.build_parser()
+    parser = train_flags.build_parser()
     axes = make_axes(["--targets", "vision", "vision,text", "--rslora", "on", "off",
                       "--eval-base", "off"], parser)
     cells = make_cells(axes, ["--epochs", "2"], parser)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tiny_runs import train_args, write_tiny_run
 
 import train
+from cli import train_flags
 from training.run_dir import lock_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_changed_max_length_is_refused_on_resume(setup, tmp_path):
 
 
 def test_every_flag_is_compared_on_resume_unless_it_cannot_change_the_adapters():
-    flags = set(vars(train.parse_args([])))
+    flags = set(vars(train_flags.parse_args([])))
     assert flags >= train.MAY_CHANGE_ON_RESUME
     compared = flags - train.MAY_CHANGE_ON_RESUME
     for key in ("max_length", "prompt", "skip_bad_samples", "image_root", "annotations",
