@@ -28,8 +28,9 @@ from .layer import LoRALinear
 if TYPE_CHECKING:
     from .injection import LoRAInjection
 
-# One adapter's rows of the (B·k, ...) input: None when it holds every row.
-Group = tuple[str, torch.Tensor | None]
+# One adapter's rows of the (B·k, ...) input: a slice when they are contiguous (a view, no
+# copy), else their indices; None when it holds every row.
+Group = tuple[str, slice | torch.Tensor | None]
 
 
 class RowPlan:
@@ -57,11 +58,13 @@ class RowPlan:
         k = rows // b
         if len(set(self.names)) == 1:  # one adapter (or none) for all: no indexing at all
             return [] if self.names[0] is None else [(self.names[0], None)]
-        groups = []
+        groups: list[Group] = []
         for name in dict.fromkeys(n for n in self.names if n is not None):
             samples = torch.tensor([i for i, n in enumerate(self.names) if n == name])
-            rows_of = (samples[:, None] * k + torch.arange(k)).flatten()  # sample i: i·k … i·k+k-1
-            groups.append((name, rows_of.to(device)))
+            rows = (samples[:, None] * k + torch.arange(k)).flatten()  # sample i: i·k … i·k+k-1
+            start, stop = int(rows[0]), int(rows[-1]) + 1
+            contiguous = stop - start == len(rows)  # a sorted batch: each adapter's run of rows
+            groups.append((name, slice(start, stop) if contiguous else rows.to(device)))
         return groups
 
 
@@ -71,18 +74,23 @@ def _mixed_hook(plan: RowPlan, layers: dict[str, LoRALinear], guard: Callable[[]
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         guard()
-        x, out = args[0], output
+        x, out = args[0], None
         for name, rows in plan.groups(x.shape[0], x.device):
             layer = layers.get(name)
             if layer is None:  # this adapter does not target this Linear
                 continue
             if rows is None:
                 return layer(x, module.training, output)
-            # the single-adapter computation on the gathered rows: the same addmm per row
-            part = layer(x.index_select(0, rows), module.training, output.index_select(0, rows))
-            out = (out.index_copy(0, rows, part) if out is output  # never write the base output
-                   else out.index_copy_(0, rows, part))
-        return out
+            if out is None:  # the Linear's fresh output is ours to fill, unless autograd is on
+                out = output.clone() if torch.is_grad_enabled() else output
+            # the single-adapter computation on the adapter's rows: the naive loop's numbers
+            if isinstance(rows, slice):
+                out[rows] = layer(x[rows], module.training, output[rows])
+            else:
+                part = layer(x.index_select(0, rows), module.training,
+                             output.index_select(0, rows))
+                out.index_copy_(0, rows, part)
+        return output if out is None else out
 
     return hook
 

@@ -46,13 +46,20 @@ def rows_of(batch: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in batch.items()}
 
 
-def test_forward_equals_one_adapter_at_a_time(setup):
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_equals_one_adapter_at_a_time(setup, grad):
+    # no_grad writes into each Linear's output in place; with autograd on, into a copy
     model, inj, batch = setup
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         expected = one_at_a_time(inj, NAMES, lambda r: model(**rows_of(batch, r)).logits)
         inj.set_active(["a", "b"])  # per_sample ignores what is active
         with inj.per_sample(NAMES):
             mixed = model(**batch).logits
+    if grad:  # gradients flow to every adapter that has samples in the batch
+        mixed.sum().backward()
+        assert all(p.grad is not None for n in "abc" for p in inj.adapter_parameters(n))
+    with torch.no_grad():
+        mixed = mixed.detach()
         after = model(**batch).logits
         inj.set_active(["a", "b"])
         assert torch.equal(after, model(**batch).logits)  # the ordinary hooks are back
@@ -91,15 +98,21 @@ def test_single_adapter_and_all_base(setup):
             assert torch.equal(model(**batch).logits, base)
 
 
+def listed(groups) -> list:
+    """(name, row list) whether the plan gave a slice (contiguous rows) or indices."""
+    return [(n, list(range(r.start, r.stop)) if isinstance(r, slice) else r.tolist())
+            for n, r in groups]
+
+
 def test_row_plan_expands_each_sample_to_its_k_rows():
+    cpu = torch.device("cpu")
     plan = RowPlan(["x", None, "y", "x"])
-    assert [(n, r.tolist()) for n, r in plan.groups(4, torch.device("cpu"))] == [
-        ("x", [0, 3]), ("y", [2])]
+    assert listed(plan.groups(4, cpu)) == [("x", [0, 3]), ("y", [2])]
     # k = 3 (beams, or (B, 3, d) flattened): sample i owns rows 3i, 3i+1, 3i+2
-    assert [(n, r.tolist()) for n, r in plan.groups(12, torch.device("cpu"))] == [
-        ("x", [0, 1, 2, 9, 10, 11]), ("y", [6, 7, 8])]
+    assert listed(plan.groups(12, cpu)) == [("x", [0, 1, 2, 9, 10, 11]), ("y", [6, 7, 8])]
+    assert isinstance(plan.groups(12, cpu)[1][1], slice)  # contiguous rows: a view, no gather
     with pytest.raises(ValueError, match="10 rows, not a multiple of the 4"):
-        plan.groups(10, torch.device("cpu"))
+        plan.groups(10, cpu)
 
 
 def test_rows_are_indexed_once_per_expansion_not_per_layer(setup, monkeypatch):
