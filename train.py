@@ -69,6 +69,7 @@ from models.loading import (
 from models.tasks import Task, TaskDataset, make_task
 from training import distributed
 from training.accumulation import steps_per_epoch, windows
+from training.adamw8bit import OPTIMIZERS
 from training.checkpoint import (
     ADAPTER,
     Position,
@@ -159,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="fraction of optimizer steps spent in linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                   help="adamw: torch's AdamW (fp32 moments: 8 bytes per adapter parameter); "
+                        "adamw8bit: the same update with both moments stored blockwise-quantized "
+                        "to 8 bits (~2 bytes per parameter; tensors under 4096 elements stay "
+                        "fp32), as bitsandbytes' AdamW8bit (training/adamw8bit.py)")
     g.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the adapter gradient norm to this (0 disables)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy smoothing")
@@ -483,8 +489,8 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
         enable_activation_checkpointing(model)
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
         task, model, batch, device, amp_dtype, args.label_smoothing)), device)
-    optimizer = torch.optim.AdamW(injection.adapter_parameters("default"), lr=args.lr,
-                                  weight_decay=args.weight_decay)
+    optimizer = OPTIMIZERS[args.optimizer](injection.adapter_parameters("default"), lr=args.lr,
+                                           weight_decay=args.weight_decay)
     n_micro = -(-len(train_set) // (args.batch_size * world))  # global micro-batches per epoch
     total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)
