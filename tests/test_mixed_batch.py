@@ -184,3 +184,36 @@ def test_bad_uses_fail_clearly(setup):
         ref = model(**batch).logits
         with inj.per_sample(["b"] * len(NAMES)):
             assert torch.equal(model(**batch).logits, ref)
+
+
+def test_pipeline_predict_each_equals_activate_one_at_a_time(tmp_path):
+    from conftest import COLOURS, write_tiny_model_dir
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration
+
+    from lora import save_adapter
+    from models.api import Pipeline
+
+    base = write_tiny_model_dir(tmp_path / "base")
+    paths = []
+    for seed, targets in ((0, ("vision", "text")), (1, ("text",))):
+        inj = inject_lora(BlipForConditionalGeneration.from_pretrained(base),
+                          LoRAConfig(r=4, alpha=8, targets=targets))
+        randomize_adapters(inj, seed=seed, std=0.3)
+        paths.append(save_adapter(inj, tmp_path / f"a{seed}.safetensors", base_model=str(base),
+                                  extra={"task": "caption", "prompt": "a"}))
+    pipe = Pipeline(str(base), paths)
+    first, second = pipe.adapter_names
+    images = [Image.new("RGB", (32, 32), c) for c in [*COLOURS.values(), (90, 90, 90)]]
+    names = [second, first, first, second]
+    kw = dict(num_beams=2, max_new_tokens=5)
+    each = pipe.predict_each(images, names, **kw)
+    alone = {n: pipe.activate(n).predict(images, None, **kw) for n in (first, second)}
+    assert each == [alone[n][i] for i, n in enumerate(names)]
+    assert alone[first] != alone[second]  # the two adapters caption differently
+    with pytest.raises(ValueError, match="different prompts"):  # the base has no prompt
+        pipe.predict_each(images, [None, first, first, first], **kw)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        pipe.predict_each(images, ["nope"] * 4)
+    with pytest.raises(ValueError, match="4 images but 1 adapter names"):
+        pipe.predict_each(images, [first])
