@@ -17,6 +17,12 @@ lora/quant_formats.py because v spans many orders of magnitude within a block: w
 codes every v below absmax/254 of its block rounds to 0, and its parameter's update becomes
 m / eps. The maps are built by the same formula as bitsandbytes' ``create_dynamic_map``
 (bit-equal to bitsandbytes 0.50.2's, checked).
+
+Checked against bitsandbytes 0.50.2's AdamW8bit on CPU (torch 2.13, lr 1e-2, wd 0.01, 20 steps
+on a 128×64 tensor, gradients N(0, 1)·10^U(-4, 0)): both make the same fp32 update; its CPU
+quantizer is not round-to-nearest (it differs from the nearest code on 30-36% of values, always
+farther), so states and parameters differ: mean |Δp| against fp32 AdamW was 0.0015 here, 0.0028
+for bitsandbytes (parameters moved 0.042 on average).
 """
 
 from __future__ import annotations
