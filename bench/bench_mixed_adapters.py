@@ -78,7 +78,8 @@ def settings(model: BlipForConditionalGeneration, inj: LoRAInjection, batch: dic
     def loop_rows() -> None:
         for name in dict.fromkeys(names):
             inj.set_active([name])
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name])
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name],
+                                device=batch["input_ids"].device)
             model(**{k: v[rows] for k, v in batch.items()})
 
     def loop_batch() -> None:
@@ -103,6 +104,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds (medians reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, adapters and batch")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize)")
     args = ap.parse_args()
     if args.batch % args.adapters:
         ap.error("--batch must be a multiple of --adapters (each adapter gets as many samples)")
@@ -116,10 +118,15 @@ def main() -> None:
     vocab = 1000
     model = build_model(args.hidden, args.layers, args.image, vocab)
     inj = add_adapters(model, args.adapters, args.r)
+    device = torch.device(args.device)
+    model.to(device)
+    inj.to(device)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=g)
     batch = {"pixel_values": torch.randn(args.batch, 3, args.image, args.image, generator=g),
              "input_ids": ids}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     names = [f"a{i % args.adapters}" for i in range(args.batch)]  # interleaved, not sorted
     runs = settings(model, inj, batch, names)
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -128,14 +135,16 @@ def main() -> None:
             fn()
         for _ in range(args.repeats):
             for key, fn in runs.items():
+                sync()
                 t = time.perf_counter()
                 fn()
+                sync()
                 times[key].append(time.perf_counter() - t)
     median = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"BLIP {params:.1f}M params (hidden {args.hidden}, {args.layers}+{args.layers} layers, "
           f"{args.image} px, {args.seq} tokens), batch {args.batch}, {args.adapters} adapters of "
-          f"rank {args.r}, {args.threads} thread(s), median of {args.repeats}, "
+          f"rank {args.r}, {args.device}, {args.threads} thread(s), median of {args.repeats}, "
           f"torch {torch.__version__}")
     print("| setting | forward s | × one adapter |\n|---|---:|---:|")
     for key, t in median.items():
