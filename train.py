@@ -385,7 +385,7 @@ def build_run(args: argparse.Namespace, device: torch.device, model, task: Task,
     adapter_loss = distributed.wrap(distributed.AdapterLoss(injection, lambda batch: forward_loss(
         task, model, batch, device, amp_dtype, args.label_smoothing)), device)
     optimizer = make_optimizer(injection, "default", args.lr, args.weight_decay,
-                               args.loraplus_lr_ratio)
+                               args.loraplus_lr_ratio, args.optimizer)
     n_micro = -(-len(train_set) // (args.batch_size * world))  # global micro-batches per epoch
     total_steps = args.epochs * steps_per_epoch(n_micro, args.grad_accum)
     scheduler = make_scheduler(optimizer, round(args.warmup_ratio * total_steps), total_steps)

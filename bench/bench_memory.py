@@ -21,7 +21,9 @@ Reported per setting:
     against "none" (the target: at least 80% of the removed bytes);
   * peak memory: while loading, and during the steps (CPU VmHWM, reset once the model is
     resident; torch.cuda.max_memory_allocated with --device cuda);
-  * step time (forward + backward + AdamW on the adapters), median, and its ratio to "none".
+  * step time (forward + backward + AdamW on the adapters), median, and its ratio to "none";
+  * the optimizer's state bytes, and per adapter parameter (``--optimizer``: AdamW 8 + the step
+    counters; adamw8bit ~2.03 for tensors of at least 4096 elements, 8 for smaller ones).
 On CPU the unquantized base and the compute are fp32 (fp16 matmuls are slow there); with
 --device cuda the base is fp16 and the step runs under fp16 autocast.
 
@@ -69,6 +71,7 @@ from models.loading import (
     place_model,
     release_freed_memory,
 )
+from training.adamw8bit import OPTIMIZERS, state_bytes
 
 QUERY_TOKENS = 32
 IMAGE_TOKEN = 50265  # one past OPT's last real token, as in Salesforce/blip2-opt-*
@@ -201,7 +204,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    opt = torch.optim.AdamW(inj.adapter_parameters(), lr=1e-4)
+    opt = OPTIMIZERS[args.optimizer](inj.adapter_parameters(), lr=1e-4)
     reset_peak(device)
 
     def step() -> None:
@@ -226,7 +229,9 @@ def worker(args: argparse.Namespace) -> dict:
             "linear_as_run": linear_params * dtype_bytes,
             "stored_linear": sum(weight_bytes(m) for m in linears),
             "load_peak_mb": load_peak, "resident_mb": resident,
-            "peak_mb": peak_mb(device), "step_s": statistics.median(times)}
+            "peak_mb": peak_mb(device), "step_s": statistics.median(times),
+            "optimizer": args.optimizer, "adapter_params": trainable,
+            "optimizer_state": state_bytes(opt)}
 
 
 def table(rows: list[dict], device: str) -> str:
@@ -234,7 +239,8 @@ def table(rows: list[dict], device: str) -> str:
     mem = "peak CUDA MiB" if device.startswith("cuda") else "peak RSS MiB"
     base = {r["checkpointing"]: r["step_s"] for r in rows if r["mode"] == "none"}
     lines = [f"| base | checkpointing | frozen MB as run | frozen × fp16 base | Linear × fp16 "
-             f"| {mem} | step s | × none step |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"| {mem} | step s | × none step | optimizer state MB (B/param) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fp16_linear = 2 * r["linear_params"]
         rest = 2 * (r["params"] - r["linear_params"])  # embeddings, norms, biases, tied head
@@ -243,8 +249,17 @@ def table(rows: list[dict], device: str) -> str:
             f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} "
             f"| {r['stored_total'] / 1e6:.0f} | {(linear + rest) / (fp16_linear + rest):.3f} "
             f"| {linear / fp16_linear:.3f} | {r['peak_mb']:.0f} | {r['step_s']:.2f} "
-            f"| {r['step_s'] / base[r['checkpointing']]:.2f} |")
+            f"| {r['step_s'] / base[r['checkpointing']]:.2f} | {optimizer_state(r)} |")
     return "\n".join(lines)
+
+
+def optimizer_state(row: dict) -> str:
+    """The optimizer's state bytes and bytes per adapter parameter (rows saved before it was
+    measured: —)."""
+    if "optimizer_state" not in row:
+        return "—"
+    per_param = row["optimizer_state"] / row["adapter_params"]
+    return f"{row['optimizer_state'] / 1e6:.2f} ({per_param:.2f}, {row['optimizer']})"
 
 
 def savings_table(rows: list[dict], device: str) -> str:
@@ -289,7 +304,7 @@ def run_setting(args: argparse.Namespace, mode: str, checkpointing: bool,
     """One worker process; its row, or exit with the worker's error."""
     cmd = [sys.executable, __file__, "--mode", mode, "--preset", args.preset,
            "--batch", str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--device", args.device]
+           "--threads", str(args.threads), "--device", args.device, "--optimizer", args.optimizer]
     cmd += ["--checkpoint", str(checkpoint)] if checkpoint else []
     cmd += ["--checkpointing"] if checkpointing else []
     env = dict(os.environ)
@@ -312,6 +327,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="timed steps (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                    help="optimizer of the adapters (as train.py --optimizer); its state bytes "
+                         "are reported per setting")
     ap.add_argument("--malloc", choices=("fixed", "default"), default="default",
                     help="fixed: workers run with MALLOC_MMAP_THRESHOLD_=65536, so freed tensors "
                          "leave RSS at once; default: glibc's dynamic threshold, as train.py runs")

@@ -19,6 +19,7 @@ from cli.flags import (
 from data.vqa_targets import TARGET_MODES
 from lora.config import INIT_METHODS
 from training import selection
+from training.adamw8bit import OPTIMIZERS
 from training.optimizer import check_lr_ratio
 
 BASE_DTYPES = ["bf16", "fp16", "fp32"]  # train.py maps them to torch dtypes
@@ -104,6 +105,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="fraction of optimizer steps spent in linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                   help="adamw: torch's AdamW (fp32 moments: 8 bytes per adapter parameter); "
+                        "adamw8bit: the same update with both moments stored blockwise-quantized "
+                        "to 8 bits (~2 bytes per parameter; tensors under 4096 elements stay "
+                        "fp32), as bitsandbytes' AdamW8bit (training/adamw8bit.py)")
     g.add_argument("--loraplus-lr-ratio", type=float, default=1.0, metavar="RATIO",
                    help="LoRA+ (Hayou et al. 2024): B learns at RATIO × --lr, A and the rest at "
                         "--lr; the paper suggests 16 (1: plain AdamW)")

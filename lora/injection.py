@@ -9,13 +9,14 @@ so moving the model does not move them: ``injection.to(device)`` does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import mixed_batch
 from .config import LoRAConfig
 from .dora import MAGNITUDE_KEY, AdapterConflictError, DoRALinear, frozen_weight
 from .init_methods import initialise_from_weights
@@ -258,6 +259,11 @@ class LoRAInjection(nn.Module):
             for name in merged:
                 self._fold(name, ())
             self._refresh_hooks()
+
+    def per_sample(self, names: Sequence[str | None]) -> AbstractContextManager[None]:
+        """``with injection.per_sample(["a", None, "b"]):`` sample i of each forward uses
+        adapter ``names[i]`` (None: the base), in one batched forward (lora/mixed_batch.py)."""
+        return mixed_batch.per_sample(self, names)
 
     def set_scale(self, name: str, multiplier: float) -> None:
         """Scale adapter ``name``'s delta by ``multiplier`` × alpha/r (1.0 restores it)."""

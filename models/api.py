@@ -110,6 +110,27 @@ class Pipeline:
         prompt = self.base_prompt if name is None else self.adapter_prompts[name]
         return make_task(self.model, self.processor, self.task.name, prompt=prompt)
 
+    def predict_each(self, images: Sequence[Image.Image], adapters: Sequence[str | None],
+                     questions: Sequence[str] | None = None, **generate_kwargs: Any) -> list[str]:
+        """One caption (or answer) per image, image i with adapter ``adapters[i]`` (a name of
+        ``adapter_names``; None: the base), all in one batched generate
+        (``LoRAInjection.per_sample``): the outputs of ``activate`` one adapter at a time. The
+        adapters of one call share a caption prompt, since the prompt is part of the input."""
+        if len(adapters) != len(images):
+            raise ValueError(f"{len(images)} images but {len(adapters)} adapter names: give one "
+                             "name (or None) per image")
+        unknown = [a for a in adapters if a is not None and a not in self.adapter_prompts]
+        if unknown or self.injection is None:
+            raise ValueError(f"unknown adapter {unknown[0] if unknown else adapters[0]!r}; "
+                             f"this pipeline has {self.adapter_names}")
+        prompts = {self.base_prompt if a is None else self.adapter_prompts[a] for a in adapters}
+        if len(prompts) > 1:
+            raise ValueError(f"these adapters were trained with different prompts {prompts}: "
+                             "predict each prompt's adapters in a call of their own")
+        task = make_task(self.model, self.processor, self.task.name, prompt=prompts.pop())
+        with self.injection.per_sample(adapters):
+            return task.predict(images, questions, **generate_kwargs)
+
     def caption(self, images: Sequence[Image.Image], **generate_kwargs: Any) -> list[str]:
         """One caption per PIL image (one generate call: batch large lists yourself)."""
         return self.task.predict(images, None, **generate_kwargs)

@@ -14,6 +14,8 @@ import torch
 
 from lora import LoRAInjection
 
+from .adamw8bit import OPTIMIZERS
+
 
 def check_lr_ratio(ratio: float) -> float:
     """``ratio`` if it is a finite number > 0, else ValueError."""
@@ -36,8 +38,10 @@ def param_groups(injection: LoRAInjection, name: str, lr: float,
 
 
 def make_optimizer(injection: LoRAInjection, name: str, lr: float, weight_decay: float,
-                   loraplus_lr_ratio: float = 1.0) -> torch.optim.AdamW:
-    """AdamW over adapter ``name`` (see param_groups), the same weight decay for every group."""
+                   loraplus_lr_ratio: float = 1.0, optimizer: str = "adamw"
+                   ) -> torch.optim.Optimizer:
+    """``optimizer`` (a key of OPTIMIZERS: adamw, adamw8bit) over adapter ``name`` (see
+    param_groups), the same weight decay for every group."""
     groups = param_groups(injection, name, lr, loraplus_lr_ratio)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
 
