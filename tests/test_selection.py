@@ -11,7 +11,7 @@ import torch
 from conftest import write_tiny_model_dir, write_tiny_vqa_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_runs import train_args, write_tiny_run
+from tiny_runs import records_without_time, train_args, write_tiny_run
 
 import train
 from cli import train_flags
@@ -78,11 +78,7 @@ def test_resume_with_a_generation_metric_is_bit_identical(setup, tmp_path):
     best_a, best_b = (load_file(tmp_path / d / "best.safetensors") for d in "ab")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
-    def records(run):  # every field but the wall-clock time
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
-
-    assert records("a") == records("b")
+    assert records_without_time(tmp_path / "a") == records_without_time(tmp_path / "b")
     assert all("val_exact_match" in r for r in epoch_records(tmp_path / "a"))
     # Another metric (or beam width) would pick another best.safetensors: refused on resume.
     with pytest.raises(SystemExit, match="select_best"):

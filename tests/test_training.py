@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import write_tiny_dataset, write_tiny_model_dir
 from safetensors.torch import load_file
-from tiny_runs import train_args, write_tiny_run
+from tiny_runs import records_without_time, train_args, write_tiny_run
 
 import infer
 import train
@@ -107,11 +107,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
     best_a, best_b = (load_file(tmp_path / d / "best.safetensors") for d in "ab")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
-    def records(run):  # every field but the wall-clock time
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
-
-    assert records("a") == records("b")
+    assert records_without_time(tmp_path / "a") == records_without_time(tmp_path / "b")
 
 
 def test_outputs_and_refusals(setup, tmp_path):
