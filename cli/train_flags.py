@@ -172,4 +172,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None
         check_lr_ratio(args.loraplus_lr_ratio)
     except ValueError as e:
         p.error(str(e))
+    if args.dora and args.init != "default":
+        p.error(f"--dora with --init {args.init} is not supported: the conversion of a "
+                "PiSSA/OLoRA adapter for the original base is defined for plain LoRA only")
     return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_blip
 
+from cli import train_flags
 from lora import LoRAConfig, inject_lora, save_adapter
 from lora.arithmetic import add_weighted_adapter, combine_files
 from training.adamw8bit import AdamW8bit
@@ -46,3 +47,12 @@ def test_loraplus_groups_reach_the_8bit_optimizer():
     assert {lrs[i] for i in b_ids} == {16e-3}
     assert {lr for i, lr in lrs.items() if i not in b_ids} == {1e-3}
     assert len(lrs) == len(injection.adapter_parameters("default"))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_train_refuses_dora_with_pissa_before_loading(init, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_flags.parse_args(["--dora", "--init", init])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --dora with --init" in err
