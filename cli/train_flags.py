@@ -172,6 +172,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = None
         check_lr_ratio(args.loraplus_lr_ratio)
     except ValueError as e:
         p.error(str(e))
+    if args.init != "default" and args.quantize != "none":
+        p.error(f"--init {args.init} replaces each base weight by its residual, which "
+                f"--quantize {args.quantize} would round again: drop --quantize, or use the "
+                "default init with --quantize (QLoRA)")
     if args.dora and args.init != "default":
         p.error(f"--dora with --init {args.init} is not supported: the conversion of a "
                 "PiSSA/OLoRA adapter for the original base is defined for plain LoRA only")

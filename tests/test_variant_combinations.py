@@ -56,3 +56,10 @@ def test_train_refuses_dora_with_pissa_before_loading(init, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: --dora with --init" in err
+
+
+def test_train_refuses_pissa_on_a_quantized_base_before_loading(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_flags.parse_args(["--init", "pissa", "--quantize", "nf4"])
+    assert e.value.code == 2
+    assert "error: --init pissa replaces each base weight" in capsys.readouterr().err
