@@ -95,8 +95,7 @@ def combine(adapters: Sequence[Scaled], weights: Sequence[float], method: str = 
 
 def _refuse_variants(config: LoRAConfig, source: str) -> None:
     """Weighted sums are defined on (A, B) pairs: DoRA magnitudes and token rows have none."""
-    if config.dora or config.trainable_tokens:
-        what = "a DoRA adapter" if config.dora else "an adapter with trainable token rows"
+    if what := config.tensors_beyond_ab():
         raise ValueError(f"{source} is {what}: adapter arithmetic combines plain LoRA adapters "
                          "only")
 

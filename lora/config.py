@@ -87,6 +87,13 @@ class LoRAConfig:
             for pattern, value in patterns.items():
                 check(value, f"{name}[{pattern!r}]")
 
+    def tensors_beyond_ab(self) -> str | None:
+        """What this adapter trains besides its (A, B) pairs, for messages of code that only
+        handles plain LoRA (arithmetic, per-sample mixing); None for plain LoRA."""
+        if self.dora:
+            return "a DoRA adapter"
+        return "an adapter with trainable token rows" if self.trainable_tokens else None
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (targets as a list). Variant fields at their defaults are left
         out, so a plain LoRA adapter's file reads in versions that predate those variants."""

@@ -110,8 +110,7 @@ def per_sample(injection: LoRAInjection, names: Sequence[str | None]) -> Iterato
         raise TypeError(f"per_sample takes adapter names or None, got {bad[0]!r}")
     for name in {n for n in names if n is not None}:
         config = injection._get(name).config  # KeyError naming the adapters there are
-        if config.dora or config.trainable_tokens:  # per-row deltas only: not these variants
-            what = "a DoRA adapter" if config.dora else "an adapter with trainable token rows"
+        if what := config.tensors_beyond_ab():  # per-row deltas only: not these variants
             raise ValueError(f"adapter {name!r} is {what}, which per_sample cannot mix: only "
                              "plain LoRA adapters are applied per sample")
     if injection.merged:
